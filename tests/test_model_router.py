@@ -1,0 +1,51 @@
+import torch
+
+from modsquad import ModSquad, TaskRouter
+
+
+def test_router_selects_top_k_distinct_experts_per_token():
+    """Each token picks exactly K distinct experts; gates are their (not renormalised) softmax probabilities."""
+    torch.manual_seed(0)
+    router = TaskRouter(dim=16, num_experts=8, top_k=3, num_tasks=2)
+    r = router(torch.randn(50, 16), task=1)
+    assert r.topk_idx.shape == (50, 3) and r.gates.shape == (50, 3) and r.probs.shape == (50, 8)
+    assert all(len(set(row.tolist())) == 3 for row in r.topk_idx)
+    torch.testing.assert_close(r.gates, r.probs.gather(1, r.topk_idx))
+    torch.testing.assert_close(r.probs.sum(-1), torch.ones(50))
+    assert (r.gates.sum(-1) < 1).all()  # not renormalised over the chosen experts
+    # the chosen ones are the K largest
+    assert (r.probs.topk(3).values - r.gates).abs().max() == 0
+
+
+def test_router_depends_on_task():
+    """One router per task: the same tokens are routed differently for different tasks from step 0."""
+    torch.manual_seed(0)
+    router = TaskRouter(dim=16, num_experts=8, top_k=2, num_tasks=2)
+    x = torch.randn(40, 16)
+    assert not torch.equal(router(x, 0).topk_idx, router(x, 1).topk_idx)
+
+
+def test_noisy_gating_only_in_training():
+    """Noise on the logits is a training-time regulariser; evaluation is deterministic (the official code is not)."""
+    torch.manual_seed(0)
+    router = TaskRouter(dim=16, num_experts=8, top_k=2, num_tasks=1, noisy=True)
+    x = torch.randn(40, 16)
+    router.eval()
+    assert torch.equal(router(x, 0).probs, router(x, 0).probs)
+    router.train()
+    assert not torch.equal(router(x, 0).probs, router(x, 0).probs)
+
+
+def test_forward_returns_routing_and_stores_nothing(tiny_cfg):
+    """forward is a pure function of its inputs: same call twice gives the same output and the module state is
+    unchanged; every MoE layer reports its routing."""
+    model = ModSquad(tiny_cfg).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    attrs = set(vars(model.blocks[0].attn))
+    x = torch.randn(2, 3, 16, 16)
+    y1, r1 = model(x, 1)
+    y2, r2 = model(x, 1)
+    assert torch.equal(y1, y2) and len(r1) == len(model.moe_layer_names) == 2
+    assert all(torch.equal(a.topk_idx, b.topk_idx) for a, b in zip(r1, r2))
+    assert set(vars(model.blocks[0].attn)) == attrs
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
