@@ -1,0 +1,557 @@
+"""
+Evaluation for Mod-Squad: the official per-task losses, per-task metrics accumulated over a whole evaluation set,
+Δm, the expert-extraction report and a few figures.
+
+    python evaluate.py out/run                        # metrics of out/run/ckpt.pt on the val split
+    python evaluate.py out/run --max-batches 20 --extract all   # + per-task extraction: params, MACs, metrics
+
+Losses follow the official code for Taskonomy (get_loss, engine_mt.py:15-35) and MTL-PyTorch for PASCAL-Context
+(losses/loss_functions.py, reused by M3ViT). Metrics per task (↑ higher is better, ↓ lower is better):
+    Taskonomy, official (get_metric, engine_mt.py:37-61), so that numbers compare with the paper:
+        class_object, class_scene   top1 ↑        argmax(logits) == argmax(soft target)
+        depth_euclidean             rmse_remap ↓  RMSE in the code's remapped [1, 80] space, averaged per batch
+        depth_zbuffer               l1 ↓          the official metric is a constant 0; the paper's number is the test L1
+        normal                      l1 ↓          L1 of the raw, un-normalised output (official quirk)
+        principal_curvature         mse ↓
+        every other task            l1 ↓
+    Taskonomy, physical: rmse_m ↓ (both depths, metres, valid pixels), mean/median_angle_deg ↓ (normal, valid pixels)
+    PASCAL-Context (MTL-PyTorch protocol): semseg/human_parts miou ↑, saliency maxF ↑ and miou ↑,
+        normals mean/median_angle_deg ↓, edge odsF ↑ (an approximation of SEISM, see EdgeMeter)
+Every task also reports `loss`, its task loss averaged over batches weighted by batch size, as the official logs do.
+
+Shapes: B batch · C channels (classes) · H, W pixels · HW = H*W · T tasks · E experts.
+"""
+
+import argparse
+import itertools
+import json
+import math
+import os
+from dataclasses import asdict
+
+import matplotlib
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+import data  # noqa: E402
+from modsquad import ModSquad, ModSquadConfig, count_params_flops, expert_usage, extract  # noqa: E402
+
+TASKONOMY_TASKS = ("class_object", "class_scene", "depth_euclidean", "depth_zbuffer", "edge_occlusion", "edge_texture",
+                   "keypoints2d", "keypoints3d", "normal", "principal_curvature", "reshading", "segment_unsup2d",
+                   "segment_unsup25d")
+PASCAL_TASKS = ("semseg", "human_parts", "saliency", "normals", "edge")
+PASCAL_LOSS_WEIGHTS = {"semseg": 1, "human_parts": 2, "saliency": 5, "edge": 50, "normals": 10}  # M3ViT/MTL-PyTorch
+IGNORE = 255  # PASCAL label value that losses and metrics skip
+
+# the metric each task is judged by (official for Taskonomy; M3ViT's Δm uses the saliency mIoU, not maxF)
+PRIMARY_METRIC = {**{name: "l1" for name in TASKONOMY_TASKS}, "class_object": "top1", "class_scene": "top1",
+                  "depth_euclidean": "rmse_remap", "principal_curvature": "mse", "semseg": "miou",
+                  "human_parts": "miou", "saliency": "miou", "normals": "mean_angle_deg", "edge": "odsF"}
+NOTES = {"depth_zbuffer": "official metric is 0: the paper's number is this test L1", "normal": "L1 of raw output",
+         "edge": "approximate SEISM"}
+HIGHER_IS_BETTER = {"top1", "miou", "maxF", "odsF"}
+
+
+def direction(metric):
+    return "↑" if metric in HIGHER_IS_BETTER else "↓"
+
+
+# -----------------------------------------------------------------------------
+# Task losses
+
+def masked_mean(x, mask=None):
+    """Mean of x (B, C, H, W) over the pixels where mask (B, 1, H, W) is True; the plain mean when mask is None."""
+    if mask is None:
+        return x.mean()
+    m = mask.expand_as(x).float()
+    # a batch without one valid pixel gives 0 (with a zero gradient), not 0/0
+    return (x * m).sum() / m.sum().clamp_min(1)
+
+
+def balanced_bce(logits, target, pos_weight=None):
+    """MTL-PyTorch's BalancedCrossEntropyLoss (size_average=True) on logits and {0, 1} targets of the same shape."""
+    labels = (target >= 0.5).float()
+    # HED-style auto-balance: positives are weighted by the fraction of negative pixels in the batch
+    w = (1 - labels).mean() if pos_weight is None else pos_weight
+    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    # L = [w Σ_pos bce + (1 - w) Σ_neg bce] / #pixels
+    return (w * (labels * bce).sum() + (1 - w) * ((1 - labels) * bce).sum()) / labels.numel()
+
+
+def task_loss(name, pred, target, mask=None):
+    """The official loss of task `name`, a scalar float32 tensor.
+
+    pred: (B, C, H, W) dense output (logits for semseg, human_parts, saliency, edge) or (B, C) image-level logits.
+    target: in the contract's encoding (soft labels (B, C), dense float (B, C, H, W), or int64 labels (B, H, W)).
+    mask: optional bool (B, 1, H, W), True = valid. The official Taskonomy losses use no mask; I use it when given.
+    """
+    pred = pred.float()
+    if name in ("class_object", "class_scene"):
+        # MSE between logits and the soft distribution, not cross-entropy: what engine_mt.py:17 does
+        return F.mse_loss(pred, target.float())
+    if name == "normal":
+        # 1 - cos(pred, target) per pixel, with the eps of engine_mt.py:25
+        cos = (pred * target).sum(1, keepdim=True) / (pred.norm(dim=1, keepdim=True) + 1e-6) \
+            / (target.norm(dim=1, keepdim=True) + 1e-6)
+        return masked_mean(1 - cos, mask)
+    if name == "principal_curvature":
+        return masked_mean((pred - target.float()) ** 2, mask)
+    if name in TASKONOMY_TASKS:
+        return masked_mean((pred - target.float()).abs(), mask)
+    if name in ("semseg", "human_parts"):
+        target = target.long()
+        # mean cross-entropy over non-ignored pixels; an all-255 batch (no person in any image) gives 0, not NaN
+        ce = F.cross_entropy(pred, target, ignore_index=IGNORE, reduction="sum")
+        return ce / (target != IGNORE).sum().clamp_min(1)
+    if name == "saliency":
+        return balanced_bce(pred, target)
+    if name == "edge":
+        return balanced_bce(pred, target, pos_weight=0.95)
+    if name == "normals":
+        valid = target.norm(dim=1, keepdim=True) > 0 if mask is None else mask
+        # L1 between the L2-normalised prediction and the unit target (NormalsLoss(normalize=True))
+        unit = pred / (pred.norm(dim=1, keepdim=True) + 1e-12)
+        return masked_mean((unit - target).abs(), valid)
+    raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKONOMY_TASKS + PASCAL_TASKS)}")
+
+
+# -----------------------------------------------------------------------------
+# Metrics. Each meter sums additive statistics over batches, so metrics are computed over the whole evaluation
+# set (one confusion matrix, one pixel count, ...), not averaged per batch, unless a meter says otherwise.
+
+class Meter:
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, **stats):
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+
+
+class MeanMeter(Meter):
+    """A metric Σ values / Σ counts; stat(pred, target, mask) -> (sum, count) of one batch. root: report the sqrt."""
+    def __init__(self, key, stat, root=False):
+        super().__init__()
+        self.key, self.stat, self.root = key, stat, root
+
+    def update(self, pred, target, mask=None):
+        total, n = self.stat(pred.float(), target, mask)
+        self.add(total=total, n=n)
+
+    def compute(self):
+        mean = float(self.sums["total"] / self.sums["n"])
+        return {self.key: math.sqrt(mean) if self.root else mean}
+
+
+def loss_stat(name):
+    """The task loss per batch, weighted by batch size, as the official test loss (MetricLogger, engine_mt.py)."""
+    return lambda pred, target, mask: (task_loss(name, pred, target, mask) * len(pred), len(pred))
+
+
+def error_stat(p):
+    """|pred - target|^p over all pixels and channels, with no mask, as the official L1 / MSE metrics."""
+    return lambda pred, target, mask: (((pred - target.float()).abs() ** p).sum(), target.numel())
+
+
+def top1_stat(pred, target, mask):
+    return (pred.argmax(1) == target.argmax(1)).sum(), len(pred)
+
+
+def depth_to_metres(v):
+    """Taskonomy depth target v = log(1 + 512 d)/log(2^16) back to metres d."""
+    # d = (exp(v ln 2^16) - 1) / 512
+    return (torch.exp(v * math.log(2 ** 16)) - 1) / 512
+
+
+def depth_metres_stat(pred, target, mask):
+    """Squared depth error in metres on valid pixels; the prediction is clamped to the encoding's range [0, 1]."""
+    valid = torch.ones_like(target, dtype=torch.bool) if mask is None else mask
+    err = depth_to_metres(pred.clamp(0, 1)) - depth_to_metres(target.float())
+    return (err ** 2)[valid].sum(), valid.sum()
+
+
+def official_depth_remap(v):
+    # d = exp(v ln 2^16) - 1;  d = ln(d)/11.09;  d = (d - 0.64)/0.18;  d = (d + 1)/2 * 80, clamped to [1, 80]
+    d = torch.exp(v * math.log(2 ** 16)) - 1
+    d = (torch.log(d) / 11.09 - 0.64) / 0.18
+    return ((d + 1) / 2 * 80).clamp(1, 80)
+
+
+def official_depth_stat(pred, target, mask):
+    """The official depth_euclidean metric (util/metric.py): RMSE of the remapped depth over all pixels (its `gt > 0`
+    mask is always true after the clamp), per batch. I keep its mean of per-batch RMSEs weighted by batch size."""
+    err = official_depth_remap(pred.clamp_min(0)) - official_depth_remap(target.float())
+    return err.pow(2).mean().sqrt() * len(pred), len(pred)
+
+
+class AngleMeter(Meter):
+    """Angle between predicted and target normals in degrees, pixel-wise over the valid pixels of the whole set.
+
+    Both vectors are L2-normalised first (eval_normals.py). The median comes from a 0.01° histogram.
+    """
+    bins = 18000
+
+    def update(self, pred, target, mask=None):
+        valid = target.norm(dim=1, keepdim=True) > 0
+        valid = valid if mask is None else valid & mask
+        cos = (F.normalize(pred.float(), dim=1) * F.normalize(target.float(), dim=1)).sum(1, keepdim=True)
+        deg = torch.rad2deg(torch.acos(cos.clamp(-1, 1)))[valid]
+        self.add(total=deg.sum(), n=deg.numel(), hist=torch.histc(deg, bins=self.bins, min=0, max=180))
+
+    def compute(self):
+        n = self.sums["n"]
+        median_bin = int((self.sums["hist"].cumsum(0) < n / 2).sum())
+        return {"mean_angle_deg": float(self.sums["total"] / n),
+                "median_angle_deg": (median_bin + 0.5) * 180 / self.bins if n else math.nan}
+
+
+class IoUMeter(Meter):
+    """mIoU from one confusion matrix accumulated over the whole set, ignoring label 255.
+
+    skip_empty (human_parts): skip images whose labels are all 255 or all 0, as eval_human_parts.py does.
+    The official code counts a class that appears neither in labels nor predictions as IoU 0; I leave it out
+    of the mean instead (the same thing on the full val set, where every class appears).
+    """
+    def __init__(self, skip_empty=False):
+        super().__init__()
+        self.skip_empty = skip_empty
+
+    def update(self, pred, target, mask=None):
+        C = pred.shape[1]
+        labels, target = pred.argmax(1), target.long()  # (B, H, W)
+        if self.skip_empty:
+            flat = target.flatten(1)
+            uniform = (flat == flat[:, :1]).all(1) & ((flat[:, 0] == IGNORE) | (flat[:, 0] == 0))
+            labels, target = labels[~uniform], target[~uniform]
+        valid = target != IGNORE
+        # confusion[i, j] = number of pixels with label i predicted as j
+        confusion = torch.bincount(target[valid] * C + labels[valid], minlength=C * C).reshape(C, C)
+        self.add(confusion=confusion)
+
+    def compute(self):
+        confusion = self.sums["confusion"].double()
+        tp = confusion.diag()
+        # IoU_c = TP / (TP + FP + FN)
+        union = confusion.sum(0) + confusion.sum(1) - tp
+        return {"miou": float((tp[union > 0] / union[union > 0]).mean())}
+
+
+class SaliencyMeter(Meter):
+    """maxF and mIoU of saliency as MTL-PyTorch's eval_sal.py: 15 thresholds in [0.2, 0.9] on sigmoid(logits);
+    precision, recall and IoU per image, averaged over images, then the best threshold."""
+    thresholds = torch.linspace(0.2, 0.9, 15)
+
+    def update(self, pred, target, mask=None):
+        prob = torch.sigmoid(pred.float()).flatten(1)[:, None]  # (B, 1, HW)
+        gt = (target >= 0.5).flatten(1)[:, None]
+        binary = prob > self.thresholds.to(prob.device)[None, :, None]  # (B, 15, HW)
+        tp, fp, fn = (binary & gt).sum(2), (binary & ~gt).sum(2), (~binary & gt).sum(2)  # (B, 15)
+        # an image with an empty label and an empty prediction has IoU 1 (jaccard.py)
+        iou = torch.where(tp + fp + fn > 0, tp / (tp + fp + fn).clamp_min(1), 1.0)
+        self.add(precision=(tp / (tp + fp + 1e-12)).sum(0), recall=(tp / (tp + fn + 1e-12)).sum(0),
+                 iou=iou.sum(0), n=len(pred))
+
+    def compute(self):
+        n = self.sums["n"]
+        p, r = self.sums["precision"] / n, self.sums["recall"] / n
+        # F_β = (1 + β²) P R / (β² P + R) with β² = 1, on the image-averaged P and R
+        f = 2 * p * r / (p + r + 1e-12)
+        return {"maxF": float(f.max()), "miou": float((self.sums["iou"] / n).max())}
+
+
+def disk_max(x, radius):
+    """Max of x (B, 1, H, W) over a disk of `radius` pixels around every pixel: a binary dilation for 0/1 maps."""
+    H, W = x.shape[-2:]
+    r = int(radius)
+    padded = F.pad(x, (r, r, r, r))  # zero padding is neutral because x >= 0
+    out = x
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            if dy * dy + dx * dx <= radius * radius:
+                out = torch.maximum(out, padded[..., r + dy:r + dy + H, r + dx:r + dx + W])
+    return out
+
+
+class EdgeMeter(Meter):
+    """Edge odsF, a pure-torch approximation of SEISM's boundary F-measure (PASCAL-Context, maxDist 0.0075).
+
+    For each of the thresholds 0.01..0.99 on sigmoid(logits), a predicted edge pixel is correct when a label edge
+    pixel lies within max_dist × image diagonal, and a label edge pixel is recalled when a predicted one lies within
+    that distance. Counts are summed over the whole set per threshold, and ODS is the F at the best single threshold.
+    Unlike SEISM there is no one-to-one (bipartite) matching and no thinning of the predictions, so a thick
+    prediction along a label edge counts as all correct: the result is an approximation and typically optimistic.
+    It is also measured at the evaluation resolution, not at the original image size.
+    """
+    thresholds = torch.linspace(0.01, 0.99, 99)
+
+    def __init__(self, max_dist=0.0075):
+        super().__init__()
+        self.max_dist = max_dist
+
+    @staticmethod
+    def count_at_least(values, thresholds):
+        """counts[j] = #(values >= thresholds[j]) for ascending thresholds, in one pass."""
+        idx = torch.bucketize(values.flatten(), thresholds, right=True)  # number of thresholds <= value
+        counts = torch.bincount(idx, minlength=len(thresholds) + 1)
+        return counts.flip(0).cumsum(0).flip(0)[1:]
+
+    def update(self, pred, target, mask=None):
+        H, W = pred.shape[-2:]
+        radius = self.max_dist * math.hypot(H, W)
+        prob, gt = torch.sigmoid(pred.float()), (target >= 0.5).float()
+        thr = self.thresholds.to(prob.device)
+        near_gt = disk_max(gt, radius) > 0  # pixels within the tolerance of a label edge
+        best_near = disk_max(prob, radius)  # a label pixel is recalled at threshold t iff best_near >= t
+        self.add(matched_pred=self.count_at_least(prob[near_gt], thr), total_pred=self.count_at_least(prob, thr),
+                 matched_gt=self.count_at_least(best_near[gt > 0], thr), total_gt=gt.sum())
+
+    def compute(self):
+        s = self.sums
+        precision = s["matched_pred"] / s["total_pred"].clamp_min(1)
+        recall = s["matched_gt"] / max(float(s["total_gt"]), 1.0)
+        f = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+        return {"odsF": float(f.max())}
+
+
+def task_meters(name):
+    """The meters of one task: its loss first, then its official and physical metrics."""
+    l1, rmse_m = MeanMeter("l1", error_stat(1)), MeanMeter("rmse_m", depth_metres_stat, root=True)
+    extra = {"class_object": [MeanMeter("top1", top1_stat)], "class_scene": [MeanMeter("top1", top1_stat)],
+             "depth_euclidean": [MeanMeter("rmse_remap", official_depth_stat), rmse_m],
+             "depth_zbuffer": [l1, rmse_m], "normal": [l1, AngleMeter()],
+             "principal_curvature": [MeanMeter("mse", error_stat(2))],
+             "semseg": [IoUMeter()], "human_parts": [IoUMeter(skip_empty=True)], "saliency": [SaliencyMeter()],
+             "normals": [AngleMeter()], "edge": [EdgeMeter()]}
+    return [MeanMeter("loss", loss_stat(name))] + extra.get(name, [l1] if name in TASKONOMY_TASKS else [])
+
+
+class TaskMetrics:
+    """All metrics of several tasks: update(name, pred, target, mask) per batch; compute() -> {task: {metric: v}}."""
+    def __init__(self):
+        self.meters = {}
+
+    def update(self, name, pred, target, mask=None):
+        if name not in self.meters:
+            self.meters[name] = task_meters(name)
+        for meter in self.meters[name]:
+            meter.update(pred.detach(), target, mask)
+
+    def compute(self):
+        return {name: {k: v for meter in meters for k, v in meter.compute().items()}
+                for name, meters in self.meters.items()}
+
+
+def delta_m(results, single_task_results, directions):
+    """Δm in percent (M3ViT's calculate_multi_task_performance): the mean relative gain over single-task models.
+
+    results, single_task_results: {task: value of its metric}; directions: {task: "↑" or "↓"}.
+    """
+    # Δm = (1/T) Σ_t (-1)^{l_t} (M_t - M_st,t) / M_st,t × 100,   l_t = 1 when lower is better
+    gains = [(-1 if directions[t] == "↓" else 1) * (results[t] - single_task_results[t]) / single_task_results[t]
+             for t in results]
+    return 100 * sum(gains) / len(gains)
+
+
+# -----------------------------------------------------------------------------
+# Evaluating a model
+
+@torch.no_grad()
+def evaluate_model(model, loader, device, tasks=None, max_batches=None):
+    """Run model(images, t) for every task t (names, default all of model.cfg.tasks) over loader's (images, targets)
+    batches. Returns {task: {metric: value}}, each with the task's mean `loss`."""
+    names = [name for name, _, _ in model.cfg.tasks]
+    tasks = names if tasks is None else list(tasks)
+    was_training = model.training
+    model.eval()
+    metrics = TaskMetrics()
+    batches = itertools.islice(loader, max_batches)
+    total = len(loader) if max_batches is None else min(max_batches, len(loader))
+    for images, targets in tqdm(batches, total=total, desc="evaluate", leave=False):
+        images = images.to(device)
+        for name in tasks:
+            pred, _ = model(images, names.index(name))
+            mask = targets.get(f"{name}_mask")
+            metrics.update(name, pred, targets[name].to(device), None if mask is None else mask.to(device))
+    model.train(was_training)
+    return metrics.compute()
+
+
+def format_table(results):
+    """One row per (task, metric): value and direction; * marks the task's primary metric."""
+    rows = [f"{'task':<20} {'metric':<17} {'value':>11}"]
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            primary = metric == PRIMARY_METRIC.get(task)
+            note = f"  {NOTES[task]}" if primary and task in NOTES else ""
+            rows.append(f"{task:<20} {metric:<17} {value:>11.4f} {direction(metric)}{'*' if primary else ''}{note}")
+    return "\n".join(rows)
+
+
+# -----------------------------------------------------------------------------
+# Figures
+
+def plot_expert_usage(usage_per_task, layer_names, task_names, path):
+    """usage_per_task[t][l]: (E,) fraction of task t's tokens choosing each expert in MoE layer l.
+    One task × expert heatmap per MoE layer."""
+    L = len(layer_names)
+    cols = min(L, 4)
+    rows = math.ceil(L / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols + 1.5, 0.3 * len(task_names) * rows + 1.2), squeeze=False,
+                             layout="constrained")
+    for l, ax in enumerate(axes.flat):
+        if l >= L:
+            ax.axis("off")
+            continue
+        usage = torch.stack([u[l].float().cpu() for u in usage_per_task]).numpy()  # (T, E)
+        im = ax.imshow(usage, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
+        ax.set_title(layer_names[l], fontsize=8)
+        ax.set_yticks(range(len(task_names)), task_names if l % cols == 0 else [], fontsize=6)
+        ax.set_xticks([])
+    fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of tokens")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_training_curves(log_jsonl_path, path):
+    """Per-task losses and the MI loss against the step, from train.py's log.jsonl."""
+    with open(log_jsonl_path) as f:
+        logs = [r for r in map(json.loads, f) if "task_losses" in r]
+    steps = [r["step"] for r in logs]
+    fig, (ax_tasks, ax_mi) = plt.subplots(1, 2, figsize=(11, 3.5), width_ratios=(1.4, 1))
+    for i, name in enumerate(logs[0]["task_losses"]):  # tab20: 13 tasks get 13 distinct colours
+        ax_tasks.plot(steps, [r["task_losses"][name] for r in logs], label=name, lw=1, color=plt.cm.tab20(i % 20))
+    ax_tasks.set(xlabel="step", ylabel="task loss", yscale="log")
+    ax_tasks.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax_mi.plot(steps, [r.get("mi", float("nan")) for r in logs], color="k", lw=1)
+    ax_mi.set(xlabel="step", ylabel="MI loss (= -I(T;E), summed over layers)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _show(ax, name, x, reference):
+    """Draw one prediction or target x of task `name` for one image; `reference` (the target) fixes the colour scale."""
+    ax.axis("off")
+    if x.dim() == 1:  # image-level task: the top class
+        ax.text(0.5, 0.5, f"class {int(x.argmax())}", ha="center", va="center", fontsize=8)
+    elif name in ("semseg", "human_parts"):
+        labels = x.argmax(0) if x.dim() == 3 else x
+        labels = torch.where(labels == IGNORE, math.nan, labels.float())  # ignored pixels stay blank
+        ax.imshow(labels.numpy(), cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
+    elif name in ("saliency", "edge"):
+        ax.imshow(x[0].numpy(), cmap="gray", vmin=0, vmax=1)
+    elif x.shape[0] == 3:
+        ax.imshow(((x.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+    else:
+        ax.imshow(x[0].numpy(), cmap="magma", vmin=float(reference[0].min()), vmax=float(reference[0].max()))
+
+
+@torch.no_grad()
+def plot_predictions(model, batch, path, num_images=3):
+    """Input, then prediction and target of every task, for the first images of an (images, targets) batch."""
+    images, targets = batch
+    images = images[:num_images]
+    n, device = len(images), next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    tasks = [name for name, _, _ in model.cfg.tasks]
+    fig, axes = plt.subplots(1 + len(tasks), 2 * n, figsize=(1.6 * 2 * n, 1.6 * (1 + len(tasks))), squeeze=False)
+    for i in range(n):
+        _show(axes[0, 2 * i], "rgb", images[i], images[i])
+        axes[0, 2 * i + 1].axis("off")
+    for t, name in enumerate(tasks):
+        pred = model(images.to(device), t)[0].float().cpu()
+        pred = torch.sigmoid(pred) if name in ("saliency", "edge") else pred  # logits -> probabilities
+        for i in range(n):
+            target = targets[name][i]
+            _show(axes[1 + t, 2 * i], name, pred[i], target)
+            _show(axes[1 + t, 2 * i + 1], name, target, target)
+            axes[1 + t, 2 * i].set_title(f"{name} pred", fontsize=6)
+            axes[1 + t, 2 * i + 1].set_title("target", fontsize=6)
+    model.train(was_training)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# Command line: metrics of a run, and the extraction report
+
+def extraction_report(model, loader, device, tasks, threshold, max_batches, full_results, run_dir):
+    """Per task: measure expert usage on the evaluation data, extract, and evaluate the extracted model beside the
+    full one. Prints them side by side; saves extract_<task>.pt, extraction.json and expert_usage.png into run_dir."""
+    names = [name for name, _, _ in model.cfg.tasks]
+    report, usages = {}, []
+    print(f"{'task':<20} {'model':<10} {'params':>9} {'MACs':>9}  metrics")
+    for name in tasks:
+        t = names.index(name)
+        usages.append(expert_usage(model, itertools.islice(loader, max_batches), t))
+        small = extract(model, t, usages[-1], threshold)
+        torch.save({"model": small.state_dict(), "config": asdict(small.cfg)},
+                   os.path.join(run_dir, f"extract_{name}.pt"))
+        report[name] = {"full": {**count_params_flops(model, t), "metrics": full_results[name]},
+                        "extracted": {**count_params_flops(small, 0),
+                                      "metrics": evaluate_model(small, loader, device, max_batches=max_batches)[name]},
+                        "kept_experts": [len(ids) for ids in small.cfg.kept_experts]}
+        for which in ("full", "extracted"):
+            e = report[name][which]
+            metrics = "  ".join(f"{k} {v:.4f}" for k, v in e["metrics"].items())
+            print(f"{name:<20} {which:<10} {e['params'] / 1e6:>8.3f}M {e['macs'] / 1e6:>8.2f}M  {metrics}")
+        print(f"{'':<20} kept experts per MoE layer: {report[name]['kept_experts']}")
+    with open(os.path.join(run_dir, "extraction.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    plot_expert_usage(usages, model.moe_layer_names, list(tasks), os.path.join(run_dir, "expert_usage.png"))
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate a Mod-Squad run: per-task metrics, extraction, figures.")
+    parser.add_argument("run_dir", help="directory with ckpt.pt (and log.jsonl) written by train.py")
+    parser.add_argument("--split", default="val", help="dataset split to evaluate")
+    parser.add_argument("--max-batches", type=int, default=None, help="evaluate on at most this many batches")
+    parser.add_argument("--extract", default=None, metavar="TASK|all", help="extract the experts of one task or all")
+    parser.add_argument("--threshold", type=float, default=0.03,
+                        help="keep experts chosen by more than this fraction of a task's tokens (official: 3%%)")
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
+    args = parser.parse_args(argv)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+    # rebuild the model from the checkpoint's config, as nanoGPT resumes, and the evaluation data from its args
+    ckpt = torch.load(os.path.join(args.run_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+    model = ModSquad(ModSquadConfig.from_dict(ckpt["config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    names, train_args = [name for name, _, _ in model.cfg.tasks], ckpt.get("args", {})
+    if args.extract not in (None, "all", *names):
+        parser.error(f"--extract {args.extract}: not a task of this model ({', '.join(names)}) nor 'all'")
+    dataset = data.build_dataset(train_args.get("dataset", "synthetic"), args.split, root=train_args.get("data_root"),
+                                 tasks=names, img_size=model.cfg.img_size, length=train_args.get("val_length"),
+                                 seed=train_args.get("seed", 0))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=train_args.get("batch_size", 8),
+                                         num_workers=train_args.get("workers", 0))
+    if args.max_batches is not None:  # load them once: every task pass, usage count and extraction reuses them
+        loader = list(itertools.islice(loader, args.max_batches))
+
+    results = evaluate_model(model, loader, device, max_batches=args.max_batches)
+    print(f"{args.run_dir} (step {ckpt.get('step')}), split {args.split}:\n{format_table(results)}")
+    with open(os.path.join(args.run_dir, f"metrics_{args.split}.json"), "w") as f:
+        json.dump({"step": ckpt.get("step"), "split": args.split, "metrics": results,
+                   "primary": {t: PRIMARY_METRIC.get(t) for t in results},
+                   "directions": {m: direction(m) for r in results.values() for m in r}}, f, indent=2)
+
+    plot_predictions(model, next(iter(loader)), os.path.join(args.run_dir, "predictions.png"))
+    log_path = os.path.join(args.run_dir, "log.jsonl")
+    if os.path.exists(log_path):
+        plot_training_curves(log_path, os.path.join(args.run_dir, "training_curves.png"))
+    if args.extract:
+        extraction_report(model, loader, device, names if args.extract == "all" else [args.extract], args.threshold,
+                          args.max_batches, results, args.run_dir)
+
+
+if __name__ == "__main__":
+    main()

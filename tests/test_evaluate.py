@@ -1,0 +1,114 @@
+"""evaluate.py end to end on a tiny untrained model: evaluate_model, figures and the command line."""
+import json
+import math
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluate
+from evaluate import evaluate_model, plot_expert_usage, plot_predictions, plot_training_curves
+from modsquad import SYNTHETIC_TASKS, ModSquad, expert_usage
+
+PASCAL_TASKS = (("semseg", 7, "dense"), ("human_parts", 7, "dense"), ("saliency", 1, "dense"),
+                ("normals", 3, "dense"), ("edge", 1, "dense"))
+
+
+def fake_targets(tasks, B, H):
+    """Random targets in the contract's encodings, with the masks the real datasets carry."""
+    targets = {}
+    for name, C, kind in tasks:
+        if kind == "image":
+            targets[name] = torch.softmax(torch.randn(B, C), dim=1)
+        elif name in ("semseg", "human_parts"):
+            targets[name] = torch.randint(0, C, (B, H, H))
+            targets[name][0] = 255  # an image without a person / a fully ignored image
+        elif name in ("saliency", "edge"):
+            targets[name] = (torch.rand(B, 1, H, H) > 0.8).float()
+        elif name == "normals":
+            targets[name] = F.normalize(torch.randn(B, 3, H, H), dim=1)
+        else:
+            targets[name] = torch.rand(B, C, H, H) if name.startswith("depth") else torch.rand(B, C, H, H) * 2 - 1
+        if name.startswith("depth") or name in ("normal", "normals"):
+            targets[f"{name}_mask"] = torch.rand(B, 1, H, H) > 0.1
+    return targets
+
+
+def fake_loader(cfg, num_batches=2, B=2):
+    return [(torch.rand(B, 3, cfg.img_size, cfg.img_size) * 2 - 1, fake_targets(cfg.tasks, B, cfg.img_size))
+            for _ in range(num_batches)]
+
+
+def all_finite(results):
+    return all(math.isfinite(v) for metrics in results.values() for v in metrics.values())
+
+
+def test_evaluate_model_gives_finite_metrics_for_every_taskonomy_task(tiny_cfg):
+    cfg = replace(tiny_cfg, tasks=SYNTHETIC_TASKS)
+    results = evaluate_model(ModSquad(cfg), fake_loader(cfg), "cpu")
+    assert set(results) == {name for name, _, _ in cfg.tasks} and all_finite(results)
+
+
+def test_evaluate_model_gives_finite_metrics_for_every_pascal_task(tiny_cfg):
+    cfg = replace(tiny_cfg, tasks=PASCAL_TASKS)
+    results = evaluate_model(ModSquad(cfg), fake_loader(cfg), "cpu")
+    assert set(results) == {name for name, _, _ in cfg.tasks} and all_finite(results)
+
+
+def test_evaluate_model_restores_training_mode_and_honours_task_subset(tiny_cfg):
+    model = ModSquad(tiny_cfg).train()
+    results = evaluate_model(model, fake_loader(tiny_cfg, num_batches=3), "cpu", tasks=["normal"], max_batches=1)
+    assert list(results) == ["normal"] and model.training
+
+
+def test_plot_expert_usage_writes_png(tiny_cfg, tmp_path):
+    model = ModSquad(tiny_cfg)
+    batches = [images for images, _ in fake_loader(tiny_cfg)]
+    usage = [expert_usage(model, batches, t) for t in range(len(tiny_cfg.tasks))]
+    path = tmp_path / "usage.png"
+    plot_expert_usage(usage, model.moe_layer_names, [name for name, _, _ in tiny_cfg.tasks], path)
+    assert path.stat().st_size > 0
+
+
+def test_plot_training_curves_writes_png(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "lr": 1e-3, "loss": 1 / (s + 1), "mi": -0.1 * s,
+                                       "task_losses": {"normal": 1 / (s + 1), "depth_euclidean": 2 / (s + 1)}}) + "\n"
+                           for s in range(5)))
+    plot_training_curves(log, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("tasks", [SYNTHETIC_TASKS, PASCAL_TASKS])
+def test_plot_predictions_writes_png(tiny_cfg, tmp_path, tasks):
+    cfg = replace(tiny_cfg, tasks=tasks)
+    plot_predictions(ModSquad(cfg), fake_loader(cfg, num_batches=1)[0], tmp_path / "pred.png")
+    assert (tmp_path / "pred.png").stat().st_size > 0
+
+
+def make_run(cfg, run_dir, dataset="synthetic"):
+    """A run directory as train.py writes it, holding an untrained model."""
+    model = ModSquad(cfg)
+    args = {"dataset": dataset, "data_root": None, "img_size": cfg.img_size, "tasks": None, "batch_size": 2,
+            "seed": 0, "val_length": 4}
+    torch.save({"model": model.state_dict(), "optimizer": {}, "scheduler": {"step": 0}, "step": 0,
+                "config": asdict(cfg), "args": args, "loss_weights": None}, run_dir / "ckpt.pt")
+    return model
+
+
+def test_cli_prints_table_and_writes_metrics_json(tiny_cfg, tmp_path, capsys):
+    make_run(replace(tiny_cfg, tasks=SYNTHETIC_TASKS[:4]), tmp_path)
+    evaluate.main([str(tmp_path), "--max-batches", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "metrics_val.json").read_text())["metrics"]
+    assert "rmse_remap" in out and "↑*" in out and all_finite(metrics) and len(metrics) == 4
+
+
+def test_cli_extract_writes_extraction_report(tiny_cfg, tmp_path):
+    make_run(replace(tiny_cfg, tasks=SYNTHETIC_TASKS[:3]), tmp_path)
+    evaluate.main([str(tmp_path), "--max-batches", "1", "--device", "cpu", "--extract", "all"])
+    report = json.loads((tmp_path / "extraction.json").read_text())
+    assert set(report) == {name for name, _, _ in SYNTHETIC_TASKS[:3]}
+    assert all(r["extracted"]["params"] < r["full"]["params"] for r in report.values())
+    assert (tmp_path / "extract_depth_euclidean.pt").exists() and (tmp_path / "expert_usage.png").exists()

@@ -1,0 +1,149 @@
+"""train.py and evaluate.py as a user runs them: smoke runs, learning, baselines, resume, DDP, bad input."""
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = {"--batch-size": "4", "--train-length": "64", "--val-length": "8", "--log-interval": "1", "--eval-batches": "1",
+         "--tasks": "class_object,depth_euclidean,normal"}  # an image task, a masked dense task, the cosine loss
+
+
+def flags(**overrides):
+    """SMALL with overrides (--no-moe style names as no_moe=True, value None removes a flag)."""
+    merged = {**SMALL, **{"--" + k.replace("_", "-"): v for k, v in overrides.items()}}
+    return [x for k, v in merged.items() if v is not None and v is not False for x in ([k] if v is True else [k, v])]
+
+
+FAST = flags()
+
+
+def run(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def params(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
+
+
+def test_train_smoke_run_writes_run_dir_and_evaluate_reads_it(tmp_path):
+    out = str(tmp_path / "run")
+    proc = run("train.py", "--steps", "2", "--out-dir", out, *flags(tasks=None))  # all 13 tasks
+    for name in ("config.json", "log.jsonl", "ckpt.pt", "metrics_val.json", "extraction.json", "expert_usage.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert "kept experts" in proc.stdout and "depth_euclidean" in proc.stdout
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)  # plain data only
+    assert ckpt["step"] == 2 and ckpt["config"]["moe"] is True
+    proc = run("evaluate.py", out, "--max-batches", "1")
+    assert "normal" in proc.stdout
+
+
+def test_default_configuration_learns(tmp_path):
+    """A short run of the default model on the synthetic scenes lowers the task losses clearly."""
+    out = str(tmp_path / "run")
+    run("train.py", "--steps", "40", "--warmup-steps", "4", "--blr", "0.064", "--out-dir", out, "--no-final-eval",
+        *flags(tasks="depth_euclidean,normal,segment_unsup25d"))
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    first = sum(sum(r["task_losses"].values()) for r in log[:5])
+    last = sum(sum(r["task_losses"].values()) for r in log[-5:])
+    assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.parametrize("overrides", [dict(no_moe=True), dict(tasks="normal"), dict(mi_weight="0"),
+                                       dict(dataset="synthetic-pascal", tasks=None)])
+def test_baselines_and_ablations_run(tmp_path, overrides):
+    out = str(tmp_path / "run")
+    run("train.py", "--steps", "2", "--out-dir", out, "--no-final-eval", *flags(**overrides))
+    cfg = json.load(open(os.path.join(out, "config.json")))["model"]
+    assert cfg["moe"] == (not overrides.get("no_moe"))
+    assert cfg["mi_weight"] == float(overrides.get("mi_weight", 0.005))
+    assert len(cfg["tasks"]) == {"normal": 1, None: 5}.get(overrides.get("tasks", ""), 3)
+
+
+def test_resume_is_exact(tmp_path):
+    """Stopped at step 3 and resumed, a run ends bit-identical to an uninterrupted one (model, optimizer, schedule,
+    data order, RNG with drop-path active, loss weights)."""
+    common = ["--steps", "6", "--no-final-eval", "--drop-path", "0.2", *FAST]
+    run("train.py", "--out-dir", str(tmp_path / "a"), *common)
+    run("train.py", "--out-dir", str(tmp_path / "b"), "--stop-at", "3", *common)
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 3
+    run("train.py", "--out-dir", str(tmp_path / "b"), "--resume", *common)
+    a, b = params(tmp_path / "a"), params(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    out = str(tmp_path / "run")
+    run("train.py", "--steps", "1", "--out-dir", out, "--no-final-eval", *FAST)
+    proc = run("train.py", "--steps", "2", "--out-dir", out, "--resume", "--no-moe", "--no-final-eval", *FAST,
+               check=False)
+    assert proc.returncode != 0 and "moe" in proc.stderr and "different config" in proc.stderr
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(tasks="depth,normal"), "unknown task 'depth'"),
+    (dict(img_size="30"), "not a multiple of patch_size"),
+    (dict(batch_size="100"), "lower --batch-size"),
+    (dict(dataset="taskonomy", data_root="/nonexistent/taskonomy", tasks=None), "/nonexistent/taskonomy"),
+])
+def test_bad_input_gives_one_clear_error_and_no_output(tmp_path, overrides, message):
+    out = tmp_path / "run"
+    proc = run("train.py", "--out-dir", str(out), "--steps", "1", *flags(**overrides), check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_nan_loss_stops_naming_step_and_task_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    import evaluate
+
+    calls = {"n": 0}
+    real_loss = evaluate.task_loss
+
+    def poisoned(name, *a, **k):
+        calls["n"] += 1
+        loss = real_loss(name, *a, **k)
+        return loss * float("nan") if name == "normal" and calls["n"] > 3 else loss  # 3 tasks: step 1
+
+    monkeypatch.setattr(evaluate, "task_loss", poisoned)
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["train.py", "--out-dir", str(out), "--steps", "3", "--ckpt-interval", "1",
+                                      "--no-final-eval", *FAST])
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit):
+        runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 1 in normal" in err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    """2 gloo processes with half the batch each reach the parameters of 1 process with the whole batch; the MI loss
+    is estimated on the global batch, so it is covered too. The run dir is written once."""
+    common = ["--steps", "3", "--no-final-eval", "--mi-weight", "1.0"]
+    run("train.py", "--out-dir", str(tmp_path / "one"), *common, *flags(batch_size="8"))
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+        "--out-dir", str(tmp_path / "two"), *common, *flags(batch_size="4"))
+    a, b = params(tmp_path / "one"), params(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert len(open(tmp_path / "two" / "log.jsonl").readlines()) == 3
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_vit_b_preset(tmp_path):
+    proc = run("train.py", "--recipe", "taskonomy-base", "--dry-run", "--out-dir", str(tmp_path / "run"))
+    assert "206.96M parameters" in proc.stdout
+
+
+def test_dry_run_of_the_vit_s_pascal_recipe(tmp_path):
+    proc = run("train.py", "--recipe", "pascal-small", "--dry-run", "--img-size", "64", "--out-dir",
+               str(tmp_path / "run"))
+    assert "5 tasks" in proc.stdout
