@@ -330,11 +330,12 @@ class MoEMLP(nn.Module):
         routing = self.router(x, task)
         d = sort_by_expert(routing.topk_idx, self.num_experts)
         h = expert_matmul(x.index_select(0, d.token), self.w_in, d)  # (P, Dm)
-        h = F.gelu(h + self.b_in.index_select(0, d.expert).to(h.dtype))
-        y = expert_matmul(h, self.w_out, d)  # (P, D)
-        # the gate multiplies the whole expert output, bias included (moe.py:582-596)
-        y = (y + self.b_out.index_select(0, d.expert).to(y.dtype)) * routing.gates.flatten()[d.order, None].to(y.dtype)
-        out = y.new_zeros(B * N, D).index_add_(0, d.token, y)  # (B*N, D)
+        h = F.gelu(h.add_(self.b_in.index_select(0, d.expert).to(h.dtype)))  # in place: saves a (P, Dm) temporary
+        y = expert_matmul(h, self.w_out, d) * routing.gates.flatten()[d.order, None].to(h.dtype)  # (P, D)
+        # the gate multiplies the whole expert output, bias included (moe.py:582-596); the bias part
+        # Σ_j g_j b_out[e_j] is (gates scattered over E) @ b_out: (B*N, E) x (E, D), cheaper than gathering (P, D)
+        gates = torch.zeros_like(routing.probs[:, : self.num_experts]).scatter(1, routing.topk_idx, routing.gates)
+        out = (gates.to(self.b_out.dtype) @ self.b_out).to(y.dtype).index_add_(0, d.token, y)  # (B*N, D)
         return out.view(B, N, D), routing
 
     def keep_(self, task, keep):

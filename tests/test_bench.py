@@ -9,6 +9,16 @@ from modsquad import MoEAttention, MoEMLP
 CPU = torch.device("cpu")
 
 
+@pytest.fixture
+def one_thread():
+    """Two threads that wait for each other stall for milliseconds per op when other jobs share the cores (up to 100x
+    slower here); one thread keeps this test at a few seconds anywhere."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("layer_cls,loop", [(MoEMLP, bench.loop_moe_mlp), (MoEAttention, bench.loop_moe_attention)])
 def test_loop_dispatch_matches_modsquad_layer(tiny_cfg, layer_cls, loop):
     """The baseline is a correct implementation: same output and same gradients as the fast path."""
@@ -30,7 +40,7 @@ def table_rows(text):
     return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| layer")]
 
 
-def test_sections_print_rows_with_ratios(tiny_cfg, capsys):
+def test_sections_print_rows_with_ratios(tiny_cfg, capsys, one_thread):
     layers = bench.bench_layers(CPU, [("test", tiny_cfg, 2, 1)])
     assert len(layers) == 4  # 2 layers x (fwd, fwd+bwd)
     assert all(r["fast_vs_dense"] > 0 and r["fast_vs_loop"] > 0 for r in layers)
