@@ -35,15 +35,12 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from modsquad import SYNTHETIC_TASKS, TASKONOMY_TASKS  # (name, channels, kind) in the official order
+
 SYNTHETIC_OBJECT_CATEGORIES = ("ball", "crate", "can", "pillar", "slab", "figure")
 SYNTHETIC_SCENE_CATEGORIES = ("room", "corridor", "outdoor", "corner")
 HUMAN_PARTS = ("background", "head", "torso", "upper_arm", "lower_arm", "upper_leg", "lower_leg")
-SYNTHETIC_TASKONOMY_TASKS = (
-    ("class_object", 6, "image"), ("class_scene", 4, "image"), ("depth_euclidean", 1, "dense"),
-    ("depth_zbuffer", 1, "dense"), ("edge_occlusion", 1, "dense"), ("edge_texture", 1, "dense"),
-    ("keypoints2d", 1, "dense"), ("keypoints3d", 1, "dense"), ("normal", 3, "dense"),
-    ("principal_curvature", 2, "dense"), ("reshading", 3, "dense"), ("segment_unsup2d", 1, "dense"),
-    ("segment_unsup25d", 1, "dense"))
+SYNTHETIC_TASKONOMY_TASKS = SYNTHETIC_TASKS  # the 13 Taskonomy tasks with 6 object and 4 scene classes
 SYNTHETIC_PASCAL_TASKS = (
     ("semseg", 7, "dense"), ("human_parts", 7, "dense"), ("saliency", 1, "dense"), ("normals", 3, "dense"),
     ("edge", 1, "dense"))
@@ -670,13 +667,6 @@ class SyntheticScenes(torch.utils.data.Dataset):
 # -----------------------------------------------------------------------------
 # Constants of the real datasets
 
-TASKONOMY_TASKS = (
-    ("class_object", 1000, "image"), ("class_scene", 365, "image"),
-    ("depth_euclidean", 1, "dense"), ("depth_zbuffer", 1, "dense"), ("edge_occlusion", 1, "dense"),
-    ("edge_texture", 1, "dense"), ("keypoints2d", 1, "dense"), ("keypoints3d", 1, "dense"),
-    ("normal", 3, "dense"), ("principal_curvature", 2, "dense"), ("reshading", 3, "dense"),
-    ("segment_unsup2d", 1, "dense"), ("segment_unsup25d", 1, "dense"),
-)
 # the official loader always skips these: woodbine is missing from the dataset, wiconisco lacks 80 edge_texture
 # images (util/dataset_taskonomy.py loadSplit). Its medium/fullplus-specific skip lists are not applied: those
 # buildings are simply absent from a download, which allow_missing_buildings=True handles.

@@ -40,10 +40,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 import data  # noqa: E402
 from modsquad import ModSquad, ModSquadConfig, count_params_flops, expert_usage, extract  # noqa: E402
 
-TASKONOMY_TASKS = ("class_object", "class_scene", "depth_euclidean", "depth_zbuffer", "edge_occlusion", "edge_texture",
-                   "keypoints2d", "keypoints3d", "normal", "principal_curvature", "reshading", "segment_unsup2d",
-                   "segment_unsup25d")
-PASCAL_TASKS = ("semseg", "human_parts", "saliency", "normals", "edge")
+TASKONOMY_TASKS = tuple(name for name, _, _ in data.TASKONOMY_TASKS)
+PASCAL_TASKS = tuple(name for name, _, _ in data.PASCAL_TASKS)
 PASCAL_LOSS_WEIGHTS = {"semseg": 1, "human_parts": 2, "saliency": 5, "edge": 50, "normals": 10}  # M3ViT/MTL-PyTorch
 IGNORE = 255  # PASCAL label value that losses and metrics skip
 

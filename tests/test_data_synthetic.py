@@ -246,3 +246,13 @@ def test_renders_at_128_px():
     image, targets = data.SyntheticScenes("val", 1, img_size=128)[0]
     assert image.shape == (3, 128, 128) and targets["edge_occlusion"].shape == (1, 128, 128)
     assert all(torch.isfinite(y.float()).all() for y in targets.values())
+
+
+def test_model_default_matches_the_synthetic_categories():
+    """ModSquadConfig() is built for these scenes: its class heads have one output per synthetic category."""
+    from modsquad import ModSquadConfig
+
+    channels = {name: c for name, c, _ in ModSquadConfig().tasks}
+    assert channels["class_object"] == len(data.SYNTHETIC_OBJECT_CATEGORIES)
+    assert channels["class_scene"] == len(data.SYNTHETIC_SCENE_CATEGORIES)
+    assert ModSquadConfig().tasks == data.SyntheticScenes().tasks
