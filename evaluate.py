@@ -378,6 +378,47 @@ def evaluate_model(model, loader, device, tasks=None, max_batches=None):
     return metrics.compute()
 
 
+class MeanPredictor(torch.nn.Module):
+    """The floor every model must beat: each task predicts its mean training target at every pixel (masked pixels
+    left out), whatever the image; label tasks predict the log class frequencies, binary ones the mean's logit."""
+
+    def __init__(self, cfg, batches):
+        super().__init__()
+        self.cfg, self.means = cfg, {}
+        sums, counts = {}, {}
+        for _, targets in batches:
+            for name, C, _ in cfg.tasks:
+                y, mask = targets[name], targets.get(f"{name}_mask")
+                if name in ("semseg", "human_parts"):  # one-hot frequencies of the non-ignored labels
+                    mask = (y != IGNORE)[:, None]
+                    y = F.one_hot(y.masked_fill(y == IGNORE, 0), C).permute(0, 3, 1, 2)
+                mask = torch.ones_like(y[:, :1], dtype=torch.bool) if mask is None else mask
+                sums[name] = sums.get(name, 0) + (y.float() * mask).sum(0)
+                counts[name] = counts.get(name, 0) + mask.float().sum(0)
+        for name, _, _ in cfg.tasks:
+            mean = sums[name] / counts[name].clamp_min(1)
+            if name in ("semseg", "human_parts"):
+                mean = mean.clamp_min(1e-6).log()
+            elif name in ("saliency", "edge"):
+                mean = torch.logit(mean.clamp(1e-6, 1 - 1e-6))
+            self.means[name] = mean
+
+    def forward(self, images, task):
+        mean = self.means[self.cfg.tasks[task][0]].to(images.device)
+        return mean.expand(images.shape[0], *mean.shape), []
+
+
+def format_comparison(results, baseline):
+    """The primary metric of each task for the model and the mean predictor, and whether the model is better."""
+    rows = [f"{'task':<20} {'metric':<15} {'model':>9} {'mean pred.':>10}  better"]
+    for task, metrics in results.items():
+        m = PRIMARY_METRIC[task]
+        a, b = metrics[m], baseline[task][m]
+        better = a > b if direction(m) == "↑" else a < b
+        rows.append(f"{task:<20} {m + ' ' + direction(m):<15} {a:>9.4f} {b:>10.4f}  {'yes' if better else 'NO'}")
+    return "\n".join(rows)
+
+
 def format_table(results):
     """One row per (task, metric): value and direction; * marks the task's primary metric."""
     rows = [f"{'task':<20} {'metric':<17} {'value':>11}"]
@@ -515,6 +556,8 @@ def main(argv=None):
     parser.add_argument("--threshold", type=float, default=0.03,
                         help="keep experts chosen by more than this fraction of a task's tokens (official: 3%%)")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
+    parser.add_argument("--mean-baseline", type=int, default=0, metavar="N",
+                        help="also score the mean predictor, with means over N training batches")
     args = parser.parse_args(argv)
     device = args.device
     if device == "auto":
@@ -541,6 +584,17 @@ def main(argv=None):
         json.dump({"step": ckpt.get("step"), "split": args.split, "metrics": results,
                    "primary": {t: PRIMARY_METRIC.get(t) for t in results},
                    "directions": {m: direction(m) for r in results.values() for m in r}}, f, indent=2)
+
+    if args.mean_baseline:
+        train_set = data.build_dataset(train_args.get("dataset", "synthetic"), "train", root=train_args.get("data_root"),
+                                       tasks=names, img_size=model.cfg.img_size, seed=train_args.get("seed", 0),
+                                       length=args.mean_baseline * train_args.get("batch_size", 8))
+        train_batches = itertools.islice(torch.utils.data.DataLoader(train_set, batch_size=train_args.get(
+            "batch_size", 8), num_workers=train_args.get("workers", 0)), args.mean_baseline)
+        baseline = evaluate_model(MeanPredictor(model.cfg, train_batches), loader, device, max_batches=args.max_batches)
+        print(f"against predicting the training mean:\n{format_comparison(results, baseline)}")
+        with open(os.path.join(args.run_dir, f"mean_predictor_{args.split}.json"), "w") as f:
+            json.dump(baseline, f, indent=2)
 
     plot_predictions(model, next(iter(loader)), os.path.join(args.run_dir, "predictions.png"))
     log_path = os.path.join(args.run_dir, "log.jsonl")

@@ -302,6 +302,6 @@ bar.close()
 
 if master and not args.no_final_eval and step == max_steps:
     evaluate.main([args.out_dir, "--extract", "all", "--max-batches", str(args.eval_batches),
-                   "--device", args.device])
+                   "--mean-baseline", str(args.eval_batches), "--device", args.device])
 if ddp:
     dist.destroy_process_group()

@@ -45,18 +45,19 @@ def moe_sublayer(ax, x, y, w, h, title, E, K, T, note):
     """A MoE sublayer: the stack of T task routers (task t's in front), the E experts, K of them chosen by a token."""
     box(ax, x, y, w, h, color=MOE)
     ax.text(x + w / 2, y + h - 0.22, title, ha="center", va="center", fontsize=7, weight="bold")
+    ax.text(x + w / 2, y + h - 0.6, note, ha="center", va="center", fontsize=5.5)
     for i in range(min(T, 6)):  # T routers as a stack of cards; only task t's is used in pass t
-        box(ax, x + 0.12 + 0.04 * i, y + 0.55 + 0.04 * i, 0.32, 0.7, color=ROUTER, zorder=3 + i)
-    ax.text(x + 0.28 + 0.04 * min(T, 6), y + 0.35, f"{T} routers", ha="center", va="center", fontsize=5.5)
-    s = min(0.26, (w - 0.9) / E)  # expert square size
-    x0 = x + 0.7
+        box(ax, x + 0.12 + 0.035 * i, y + 0.5 + 0.035 * i, 0.3, 0.6, color=ROUTER, zorder=3 + i)
+    ax.text(x + 0.42, y + 0.22, f"{T} routers", ha="center", va="center", fontsize=5.5)
+    s = min(0.26, (w - 0.95) / E)  # expert square size
+    x0 = x + 0.8
     chosen = {round(j * E / K + E / (2 * K)) % E for j in range(K)}  # an illustrative top-k choice of one token
     for e in range(E):
-        box(ax, x0 + e * s, y + 0.75, s * 0.85, s * 1.4, color=CHOSEN if e in chosen else "white")
-    arrow(ax, (x + 0.5, y + 0.95), (x0 - 0.02, y + 0.95))
-    ax.text(x0 + E * s / 2, y + 0.5, f"E={E} experts, top-{K} per token", ha="center", va="center", fontsize=5.5)
-    ax.text(x + w / 2, y + h - 0.5, note, ha="center", va="center", fontsize=5.5)
-    return x + 0.3, y + 0.55  # where the router's probabilities leave (for the MI loss)
+        ax.add_patch(Rectangle((x0 + e * s, y + 0.65), s * 0.85, 0.36, facecolor=CHOSEN if e in chosen else "white",
+                               edgecolor="0.3", lw=min(0.8, 4 * s)))
+    arrow(ax, (x + 0.55, y + 0.83), (x0 - 0.03, y + 0.83))
+    ax.text(x0, y + 0.44, f"top-{K} of E = {E} experts", ha="left", va="center", fontsize=5.5)
+    return x + 0.3, y + 0.5  # where the router's probabilities leave (for the MI loss)
 
 
 def draw_architecture(cfg, path, title):
@@ -64,19 +65,19 @@ def draw_architecture(cfg, path, title):
     N = (cfg.img_size // cfg.patch_size) ** 2 + 1
     n_dense = sum(kind == "dense" for _, _, kind in cfg.tasks)
     blocks = shown_blocks(cfg.depth)
-    fig = plt.figure(figsize=(13, 6.6))
+    fig = plt.figure(figsize=(13, 6.1))
     ax = fig.add_axes((0, 0, 1, 1))
-    ax.set(xlim=(0, 26), ylim=(0, 13.2))
+    ax.set(xlim=(0, 26), ylim=(0, 12.2))
     ax.axis("off")
-    ax.text(0.3, 12.75, title, fontsize=9, weight="bold", va="center")
+    ax.text(0.3, 11.8, title, fontsize=9, weight="bold", va="center")
 
     # the backbone runs once per task on the same images: T stacked copies
-    bx0, bx1, by0, by1 = 1.9, 22.6, 3.9, 10.0
+    bx0, bx1, by0, by1 = 1.9, 22.3, 3.9, 10.0
     for i in (2, 1):
         ax.add_patch(Rectangle((bx0 + 0.18 * i, by0 + 0.18 * i), bx1 - bx0, by1 - by0, facecolor="0.93",
                                edgecolor="0.6", lw=0.6, zorder=0))
     ax.add_patch(Rectangle((bx0, by0), bx1 - bx0, by1 - by0, facecolor="white", edgecolor="0.6", lw=0.6, zorder=0))
-    ax.text(bx1 + 0.45, by1 + 0.2, f"× T = {T} passes, one per task t,\nover the same images", fontsize=7,
+    ax.text(bx1 + 0.36, 10.5, f"× T = {T} passes, one per task t,\nover the same images", fontsize=7,
             ha="right", va="bottom", style="italic")
 
     box(ax, 0.2, 6.2, 1.4, 1.6, f"images\n(B, 3, {cfg.img_size}, {cfg.img_size})")
@@ -86,7 +87,7 @@ def draw_architecture(cfg, path, title):
 
     # the task embedding e_t, added before every block (the residual stream is the centre line y = 7)
     x, step = 4.2, (19.2 - 4.2) / len(blocks)
-    box(ax, 4.2, 10.45, 15.0, 0.55, f"task embedding e_t  (T × D = {T} × {D}): added to every token before every block",
+    box(ax, 4.2, 10.45, 14.2, 0.55, f"task embedding e_t  (T × D = {T} × {D}): added to every token before every block",
         color=TASK)
     arrow(ax, (4.0, 7.0), (x + 0.05, 7.0))
     mi_sources = []
@@ -106,28 +107,29 @@ def draw_architecture(cfg, path, title):
         ax.text(bx + bw / 2, 9.55, f"block {i}: x + f(LN x), twice", ha="center", va="center", fontsize=6.5)
         if attn == "moe" and cfg.moe:
             src = moe_sublayer(ax, bx + 0.1, 7.1, bw - 0.2, 2.2, "MoE attention", E_a, cfg.num_heads, T,
-                               f"expert = q, o projections, Dh = {cfg.head_dim}\nshared k/v head")
+                               f"expert: own q, o (Dh = {cfg.head_dim})\none k/v head shared")
             mi_sources.append((src, f"block{i}.attn"))
         else:
             box(ax, bx + 0.1, 7.1, bw - 0.2, 2.2, f"attention\n{cfg.num_heads} heads × Dh {cfg.head_dim}", color=DENSE)
         if mlp == "moe" and cfg.moe:
             src = moe_sublayer(ax, bx + 0.1, 4.4, bw - 0.2, 2.45, "MoE MLP", E_m, cfg.mlp_top_k, T,
-                               f"expert = MLP {D}→{cfg.mlp_dim}→{D}")
+                               f"expert: MLP {D}→{cfg.mlp_dim}→{D}")
             mi_sources.append((src, f"block{i}.mlp"))
         else:
             box(ax, bx + 0.1, 4.4, bw - 0.2, 2.45, f"MLP\n{D}→{int(D * cfg.mlp_ratio)}→{D}", color=DENSE)
+        arrow(ax, (bx + bw, 7.0), (x + step + 0.05, 7.0))
         x += step
-    arrow(ax, (x - 0.15, 7.0), (19.6, 7.0))
 
     # one head per task
-    box(ax, 19.6, 4.2, 2.8, 5.6, color="0.97")
-    ax.text(21.0, 9.45, f"{T} task heads\n(task t's in pass t)", ha="center", va="center", fontsize=7, weight="bold")
-    box(ax, 19.75, 6.6, 2.5, 2.0, f"{n_dense} dense tasks:\nLN, Linear(D, p²C)\nper patch token\n→ (B, C, H, W)",
+    hx = x + 0.05  # where the residual stream arrives
+    box(ax, hx, 4.2, 2.8, 5.6, color="0.97")
+    ax.text(hx + 1.4, 9.45, f"{T} task heads\n(task t's in pass t)", ha="center", va="center", fontsize=7, weight="bold")
+    box(ax, hx + 0.15, 6.6, 2.5, 2.0, f"{n_dense} dense tasks:\nLN, Linear(D, p²C)\nper patch token\n→ (B, C, H, W)",
         color=DENSE, fontsize=6.5)
-    box(ax, 19.75, 4.4, 2.5, 2.0, f"{T - n_dense} image tasks:\nmean of patch tokens,\nLN, LN + Linear\n→ (B, C)",
+    box(ax, hx + 0.15, 4.4, 2.5, 2.0, f"{T - n_dense} image tasks:\nmean of patch tokens,\nLN, LN + Linear\n→ (B, C)",
         color=DENSE, fontsize=6.5)
-    arrow(ax, (22.4, 7.0), (23.0, 7.0))
-    box(ax, 23.0, 6.2, 2.7, 1.6, "prediction ŷ_t\ntask loss L_t")
+    arrow(ax, (hx + 2.8, 7.0), (hx + 3.4, 7.0))
+    box(ax, hx + 3.4, 6.2, 2.5, 1.6, "prediction ŷ_t\ntask loss L_t")
 
     # the MI loss: per MoE layer, the task x expert joint of the router probabilities over the T passes
     ax.text(0.3, 3.15, "MI loss, per MoE layer:", fontsize=7, weight="bold")
@@ -142,9 +144,9 @@ def draw_architecture(cfg, path, title):
         for e in range(E + 1):
             ax.plot([gx + e * c] * 2, [gy, gy + T * c], color="0.5", lw=0.3)
         ax.add_patch(Rectangle((gx, gy), E * c, T * c, facecolor=ROUTER, alpha=0.35, lw=0))
-        ax.text(gx + E * c + 0.08, gy + T * c / 2, f"{name}\nP(t, e)\n{T} × {E}", fontsize=5.5, va="center")
+        ax.text(gx + E * c + 0.08, gy + T * c / 2, f"{name}\nP(t, e):\n{T} tasks ×\n{E} experts", fontsize=5.5, va="center")
         arrow(ax, (sx, sy), (sx, 3.35), linestyle="--")
-    box(ax, 19.6, 0.5, 6.1, 2.6,
+    box(ax, hx, 0.5, 6.1, 2.6,
         f"loss = Σ_t (weighted) L_t + w_MI · Σ_layers L_MI\nw_MI = {cfg.mi_weight}, one backward per step\n\n"
         "extract(model, t, usage): keep the experts\nused by > 3 % of task t's tokens\n→ a small single-task ModSquad",
         fontsize=6.5)
