@@ -54,7 +54,7 @@ class ModSquadConfig:
     in_chans: int = 3
     embed_dim: int = 64  # D
     depth: int = 4  # number of blocks
-    num_heads: int = 4  # heads of dense attention = K, the experts each token picks in MoE attention
+    num_heads: int = 4  # heads of dense attention = K, the experts each token picks in MoE attention (its top-k)
     head_dim: int = 32  # Dh; the official MoE configs use 128 = 2*D/heads, also in their dense attention blocks
     num_attn_experts: int = 8  # E of MoE attention
     num_mlp_experts: int = 8  # E of MoE MLP
@@ -107,7 +107,8 @@ class ModSquadConfig:
         return int(self.embed_dim * self.mlp_ratio) // self.mlp_top_k
 
     def block_kinds(self, i):
-        """(attention kind, MLP kind) of block i: 'moe' or 'dense'."""
+        """(attention kind, MLP kind) of block i: 'moe' marks an MoE slot (with moe=False it holds the dense twin of
+        the MoE layer), 'dense' an ordinary ViT sublayer."""
         moe_attn = self.layout == "all" or i % 2 == 0  # use_moe_attn, models_mt.py:163-164
         moe_mlp = self.layout == "all" or i % 2 == 1
         return ("moe" if moe_attn else "dense"), ("moe" if moe_mlp else "dense")
@@ -152,7 +153,8 @@ PRESETS = {
 class Routing(NamedTuple):
     """What one MoE layer decided for one task pass (returned, never stored on the module).
     probs:    (B*N, E) float32, softmax over all experts of the task's router (the MI loss uses these)
-    topk_idx: (B*N, K) long, the chosen experts, ids in [0, E) of this layer's experts
+    topk_idx: (B*N, K) long, the chosen experts, as indices into this layer's experts (the expert ids, unless the
+              model was extracted: then positions in router.expert_ids)
     gates:    (B*N, K) float32, the softmax probabilities of the chosen experts (not renormalised)"""
     probs: torch.Tensor
     topk_idx: torch.Tensor
@@ -208,6 +210,7 @@ class Dispatch(NamedTuple):
 
 
 def sort_by_expert(topk_idx, num_experts):
+    """(B*N, K) chosen experts -> the (token, slot) pairs sorted by expert, their tokens, and each expert's rows."""
     flat = topk_idx.flatten()  # (P,)
     order = flat.argsort(stable=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
@@ -256,7 +259,7 @@ class MoEAttention(nn.Module):
         self.router = TaskRouter(D, cfg.num_attn_experts, cfg.num_heads, len(cfg.tasks), cfg.noisy_gating, kept)
         self.w_q = nn.Parameter(torch.empty(E, D, Dh))  # expert query projections, no bias
         self.w_o = nn.Parameter(torch.empty(E, Dh, D))  # expert output projections, no bias
-        self.kv = nn.Linear(D, 2 * Dh)  # the shared key and value head
+        self.kv = nn.Linear(D, 2 * Dh)  # the shared key and value head (with bias whatever qkv_bias, as kv_proj)
         _init_experts(self.w_q), _init_experts(self.w_o)
 
     def forward(self, x, task):
@@ -334,7 +337,7 @@ class MoEMLP(nn.Module):
         y = expert_matmul(h, self.w_out, d) * routing.gates.flatten()[d.order, None].to(h.dtype)  # (P, D)
         # the gate multiplies the whole expert output, bias included (moe.py:582-596); the bias part
         # Σ_j g_j b_out[e_j] is (gates scattered over E) @ b_out: (B*N, E) x (E, D), cheaper than gathering (P, D)
-        gates = torch.zeros_like(routing.probs[:, : self.num_experts]).scatter(1, routing.topk_idx, routing.gates)
+        gates = routing.gates.new_zeros(B * N, self.num_experts).scatter(1, routing.topk_idx, routing.gates)
         out = (gates.to(self.b_out.dtype) @ self.b_out).to(y.dtype).index_add_(0, d.token, y)  # (B*N, D)
         return out.view(B, N, D), routing
 
@@ -479,8 +482,8 @@ def mutual_information_loss(p_te):
     p_t = p_te.sum(dim=1, keepdim=True)  # (T, 1)
     p_e = p_te.sum(dim=0, keepdim=True)  # (1, E)
     # L_MI = -Σ_t Σ_e P(t,e) log[P(t,e) / (P(t)P(e))]  (moe.py:425-430 without its four 1e-4; 0·log 0 = 0)
-    ratio = p_te / (p_t * p_e).clamp_min(1e-20)
-    return -(p_te * ratio.clamp_min(1e-20).log()).sum()
+    ratio = p_te / (p_t * p_e).clamp_min(1e-20)  # guard: P(t)P(e) = 0
+    return -(p_te * ratio.clamp_min(1e-20).log()).sum()  # guard: 0 log 0 = 0
 
 
 def mi_loss(routings_per_task, all_reduce=None):
@@ -488,13 +491,13 @@ def mi_loss(routings_per_task, all_reduce=None):
     routings_per_task: T lists of Routing (one per MoE layer), from the T task passes of one step. all_reduce, if
     given, averages the joint over data-parallel ranks (a differentiable collective) so that MI is estimated on the
     global batch."""
-    total = torch.zeros(())
+    losses = []
     for layer_routings in zip(*routings_per_task):  # one MoE layer, all tasks
         p_te = task_expert_joint([r.probs for r in layer_routings])
         if all_reduce is not None:
             p_te = all_reduce(p_te)
-        total = total.to(p_te.device) + mutual_information_loss(p_te)
-    return total
+        losses.append(mutual_information_loss(p_te))
+    return torch.stack(losses).sum() if losses else torch.zeros(())  # the dense baseline has no MoE layer
 
 
 # -----------------------------------------------------------------------------
@@ -521,7 +524,9 @@ def expert_usage(model, batches, task):
 
 def extract(model, task, usage, threshold=0.03):
     """A standalone single-task ModSquad (T = 1) that keeps, per MoE layer, the experts chosen by more than `threshold`
-    of the task's tokens (at least top-k: the most used), with the task's embedding, head and whole router. Top-k is
+    of the task's tokens (at least top-k: the most used), with the task's embedding, head and whole router.
+    usage: per MoE layer, (E,) fractions of the task's tokens choosing each expert (each sums to K), as expert_usage
+    returns; "more than 3 % of the tokens" is the official rule (usage_pct > thresh / K, models_mt.py:189-221). Top-k is
     then taken among the kept experts only, so the output equals the full model's on every token whose top-k were all
     kept (the official code re-softmaxes over the kept experts: approximate, models_mt.py:171-390)."""
     keeps = []

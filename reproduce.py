@@ -118,7 +118,8 @@ def train_and_evaluate(out, name, settings, extract, args):
         shutil.rmtree(run_dir)
     expected = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "no_moe": False,
                 "mi_weight": None, **settings}
-    flags = [x for k, v in expected.items() if v not in (None, False)
+    # --name value per setting, a bare --name for True, nothing for None or False (but --mi-weight 0 is passed)
+    flags = [x for k, v in expected.items() if v is not None and v is not False
              for x in (["--" + k.replace("_", "-")] + ([] if v is True else [str(v)]))]
     step = trained_step(run_dir, expected)
     if step is None and os.path.isdir(run_dir):  # killed before its first checkpoint: start clean (log.jsonl appends)

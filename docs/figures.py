@@ -31,8 +31,8 @@ def box(ax, x, y, w, h, text="", color="white", fontsize=7, **kw):
         ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=fontsize)
 
 
-def arrow(ax, xy0, xy1, style="-|>", **kw):
-    ax.add_patch(FancyArrowPatch(xy0, xy1, arrowstyle=style, mutation_scale=8, lw=0.8, color="0.2",
+def arrow(ax, xy0, xy1, **kw):
+    ax.add_patch(FancyArrowPatch(xy0, xy1, arrowstyle="-|>", mutation_scale=8, lw=0.8, color="0.2",
                                  shrinkA=0, shrinkB=0, **kw))
 
 
@@ -108,13 +108,13 @@ def draw_architecture(cfg, path, title):
         if attn == "moe" and cfg.moe:
             src = moe_sublayer(ax, bx + 0.1, 7.1, bw - 0.2, 2.2, "MoE attention", E_a, cfg.num_heads, T,
                                f"expert: own q, o (Dh = {cfg.head_dim})\none k/v head shared")
-            mi_sources.append((src, f"block{i}.attn"))
+            mi_sources.append((src, f"blocks.{i}.attn", E_a, bx, bw, 0))
         else:
             box(ax, bx + 0.1, 7.1, bw - 0.2, 2.2, f"attention\n{cfg.num_heads} heads × Dh {cfg.head_dim}", color=DENSE)
         if mlp == "moe" and cfg.moe:
             src = moe_sublayer(ax, bx + 0.1, 4.4, bw - 0.2, 2.45, "MoE MLP", E_m, cfg.mlp_top_k, T,
                                f"expert: MLP {D}→{cfg.mlp_dim}→{D}")
-            mi_sources.append((src, f"block{i}.mlp"))
+            mi_sources.append((src, f"blocks.{i}.mlp", E_m, bx, bw, int(attn == "moe")))
         else:
             box(ax, bx + 0.1, 4.4, bw - 0.2, 2.45, f"MLP\n{D}→{int(D * cfg.mlp_ratio)}→{D}", color=DENSE)
         arrow(ax, (bx + bw, 7.0), (x + step + 0.05, 7.0))
@@ -131,21 +131,22 @@ def draw_architecture(cfg, path, title):
     arrow(ax, (hx + 2.8, 7.0), (hx + 3.4, 7.0))
     box(ax, hx + 3.4, 6.2, 2.5, 1.6, "prediction ŷ_t\ntask loss L_t")
 
-    # the MI loss: per MoE layer, the task x expert joint of the router probabilities over the T passes
+    # the MI loss: per MoE layer (named as in model.moe_layer_names), the task x expert joint over the T passes
     ax.text(0.3, 3.15, "MI loss, per MoE layer:", fontsize=7, weight="bold")
     ax.text(0.3, 2.55, "P(t, e) = mean over tokens\nof π_t(e) / T", fontsize=6.5, va="center")
     ax.text(0.3, 1.55, "L_MI = −I(T; E)\n= −Σ P(t,e) log P(t,e) / P(t)P(e)", fontsize=6.5, va="center")
-    for (sx, sy), name in mi_sources:
-        E = E_a if name.endswith("attn") else E_m
-        c = min(1.6 / E, 2.3 / T)  # cell size of the T x E grid
-        gx, gy = sx - 0.05, 3.3 - T * c
+    for (sx, sy), name, E, bx, bw, slot in mi_sources:  # slot 1: the block's second MoE layer (layout "all")
+        sw = bw / (2 if cfg.layout == "all" else 1)  # width each grid may take
+        c = min((sw - 0.3) / E, 2.0 / T)  # cell size of the T x E grid
+        gx, gy = bx + 0.1 + slot * sw, 3.35 - T * c
         for r in range(T + 1):
             ax.plot([gx, gx + E * c], [gy + r * c] * 2, color="0.5", lw=0.3)
         for e in range(E + 1):
             ax.plot([gx + e * c] * 2, [gy, gy + T * c], color="0.5", lw=0.3)
         ax.add_patch(Rectangle((gx, gy), E * c, T * c, facecolor=ROUTER, alpha=0.35, lw=0))
-        ax.text(gx + E * c + 0.08, gy + T * c / 2, f"{name}\nP(t, e):\n{T} tasks ×\n{E} experts", fontsize=5.5, va="center")
-        arrow(ax, (sx, sy), (sx, 3.35), linestyle="--")
+        label = f"{name}: P(t, e),\n{T} tasks × {E} experts" if sw > 2 else f"{name}\nP(t, e), {T} × {E}"
+        ax.text(gx, gy - 0.3, label, fontsize=5.5, va="center")
+        arrow(ax, (sx, sy), (max(sx, gx + 0.2), 3.4), linestyle="--")
     box(ax, hx, 0.5, 6.1, 2.6,
         f"loss = Σ_t (weighted) L_t + w_MI · Σ_layers L_MI\nw_MI = {cfg.mi_weight}, one backward per step\n\n"
         "extract(model, t, usage): keep the experts\nused by > 3 % of task t's tokens\n→ a small single-task ModSquad",
