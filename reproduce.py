@@ -3,7 +3,7 @@ The paper in miniature: single-task baselines, a dense multi-task baseline, Mod-
 and the extracted per-task models, trained with the same budget on the synthetic 13-task scenes and compared in
 one table. One command, re-runnable: finished runs are reused and an interrupted training resumes.
 
-    python reproduce.py                  # the full run: 400 steps of 32 images per model (see the timing below)
+    python reproduce.py                  # 13 tasks, 400 steps of 32 images per model: about 40 min on 2 free cores
     python reproduce.py --quick          # 3 tasks, 30 steps of 8 images: a few minutes
     python reproduce.py --force          # redo every run
 
@@ -13,7 +13,8 @@ Runs under --out, each `train.py --no-final-eval` then `evaluate.py --max-batche
     modsquad_nomi    Mod-Squad without the MI loss (--mi-weight 0), experts extracted (evaluate.py --extract all)
     modsquad         Mod-Squad (defaults), experts extracted
 Every run gets the same steps, batch size, lr, seed and image size; nothing is tuned per model. Writes results.md,
-results.json and the task x expert usage heatmaps of the two Mod-Squad runs into --out, and prints the table.
+results.json and the task x expert usage heatmaps of the two Mod-Squad runs into --out, and prints the table. A
+mean-predictor column (each task predicts its mean training target) shows the floor every model must beat.
 """
 
 import argparse
@@ -34,19 +35,23 @@ from modsquad import ModSquad, ModSquadConfig, count_params_flops, mutual_inform
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 QUICK = dict(steps=30, batch_size=8, tasks="class_object,depth_euclidean,normal")
-# table columns: key, heading. The two extracted columns read the extraction.json of modsquad / modsquad_nomi
-COLUMNS = {"single": "single-task", "dense": "dense MTL", "modsquad_nomi": "Mod-Squad w/o MI",
-           "modsquad": "Mod-Squad", "extracted": "extracted Mod-Squad", "extracted_nomi": "extracted w/o MI"}
+MEAN_BATCHES = 8  # training batches whose mean target the mean predictor (the floor) predicts
+# table columns: key, heading. The mean predictor and the two extracted columns come from the evaluations of
+# modsquad and modsquad_nomi (mean_predictor_val.json, extraction.json)
+COLUMNS = {"mean": "mean predictor", "single": "single-task", "dense": "dense MTL",
+           "modsquad_nomi": "Mod-Squad w/o MI", "modsquad": "Mod-Squad", "extracted": "extracted Mod-Squad",
+           "extracted_nomi": "extracted w/o MI"}
 EXTRACTED_FROM = {"extracted": "modsquad", "extracted_nomi": "modsquad_nomi"}
 MOE_RUNS = ("modsquad_nomi", "modsquad")
 
 
 def run_specs(tasks):
-    """(run name, its own train.py settings, extract experts?) of every run, the single-task runs first."""
-    mtl = ",".join(tasks)
-    return [(f"single_{t}", dict(tasks=t), False) for t in tasks] + [
-        ("dense", dict(tasks=mtl, no_moe=True), False), ("modsquad_nomi", dict(tasks=mtl, mi_weight=0.0), True),
-        ("modsquad", dict(tasks=mtl), True)]
+    """(run name, its own train.py settings, its extra evaluate.py flags) of every run, the single-task runs first.
+    Experts are extracted (and I(T;E) measured) for the two Mod-Squad runs; the mean predictor is scored once."""
+    mtl, extract = ",".join(tasks), ["--extract", "all"]
+    return [(f"single_{t}", dict(tasks=t), []) for t in tasks] + [
+        ("dense", dict(tasks=mtl, no_moe=True), []), ("modsquad_nomi", dict(tasks=mtl, mi_weight=0.0), extract),
+        ("modsquad", dict(tasks=mtl), extract + ["--mean-baseline", str(MEAN_BATCHES)])]
 
 
 def read_json(path):
@@ -111,7 +116,7 @@ def measure_mi(run_dir, max_batches):
     return {"layers": model.moe_layer_names, "per_layer": per_layer, "bound": bounds}
 
 
-def train_and_evaluate(out, name, settings, extract, args):
+def train_and_evaluate(out, name, settings, eval_flags, args):
     """Train one run (or resume, or reuse it) and evaluate it; bookkeeping in <run>/reproduce.json."""
     run_dir = os.path.join(out, name)
     if args.force and os.path.isdir(run_dir):
@@ -128,21 +133,24 @@ def train_and_evaluate(out, name, settings, extract, args):
     stamp_path = os.path.join(run_dir, "reproduce.json")
     stamp = read_json(stamp_path) if os.path.exists(stamp_path) else {}
     if step != args.steps:
-        print(f"{name}: training{f' (resuming at step {step})' if step else ''} ...", flush=True)
+        print(f"{name}: training{f' (resuming at step {step})' if step else ''} ...", end=" ", flush=True)
         t0 = time.time()
         run_logged([sys.executable, "train.py", "--out-dir", run_dir, "--no-final-eval", *flags,
                     *(["--resume"] if step else [])], os.path.join(run_dir, "train.log"))
         stamp = {"train_s": time.time() - t0, "resumed_at": step}
         write_json(stamp, stamp_path)
-    if stamp.get("evaluated") != {"step": args.steps, "eval_batches": args.eval_batches}:
-        print(f"{name}: evaluating{' and extracting' if extract else ''} ...", flush=True)
+        print(f"{stamp['train_s']:.0f} s", flush=True)
+    evaluated = {"step": args.steps, "eval_batches": args.eval_batches, "flags": eval_flags}
+    if stamp.get("evaluated") != evaluated:
+        print(f"{name}: evaluating ...", end=" ", flush=True)
         t0 = time.time()
-        run_logged([sys.executable, "evaluate.py", run_dir, "--max-batches", str(args.eval_batches),
-                    *(["--extract", "all"] if extract else [])], os.path.join(run_dir, "evaluate.log"))
-        if extract:
+        run_logged([sys.executable, "evaluate.py", run_dir, "--max-batches", str(args.eval_batches), *eval_flags],
+                   os.path.join(run_dir, "evaluate.log"))
+        if "--extract" in eval_flags:
             stamp["mi"] = measure_mi(run_dir, args.eval_batches)
-        stamp.update(eval_s=time.time() - t0, evaluated={"step": args.steps, "eval_batches": args.eval_batches})
+        stamp.update(eval_s=time.time() - t0, evaluated=evaluated)
         write_json(stamp, stamp_path)
+        print(f"{stamp['eval_s']:.0f} s", flush=True)
     else:
         print(f"{name}: done before, reused", flush=True)
 
@@ -165,7 +173,9 @@ def build_results(out, tasks):
     directions = {t: evaluate.direction(primary[t]) for t in tasks}
     extraction = {col: read_json(os.path.join(runs[run], "extraction.json")) for col, run in EXTRACTED_FROM.items()}
 
-    values = {"single": {t: metrics(f"single_{t}")[t][primary[t]] for t in tasks}}
+    mean_predictor = read_json(os.path.join(runs["modsquad"], "mean_predictor_val.json"))
+    values = {"mean": {t: mean_predictor[t][primary[t]] for t in tasks},
+              "single": {t: metrics(f"single_{t}")[t][primary[t]] for t in tasks}}
     for run in ("dense", *MOE_RUNS):
         values[run] = {t: metrics(run)[t][primary[t]] for t in tasks}
     for col in EXTRACTED_FROM:
@@ -215,6 +225,9 @@ def format_markdown(results):
              f"{b['batch_size']}/256, {b['warmup_steps']} warm-up steps, then cosine), seed {b['seed']}, "
              f"{b['img_size']} px, preset `{b['preset']}`; all scored on the same validation images. "
              "Nothing is tuned per model.", "",
+             "Wall time of the runs (the last time each was trained or evaluated): training "
+             f"{sum(s['train_s'] or 0 for s in results['seconds'].values()) / 60:.1f} min, evaluation "
+             f"{sum(s['eval_s'] or 0 for s in results['seconds'].values()) / 60:.1f} min.", "",
              row("task", "metric", [results["columns"][c] for c in cols]), "|" + "---|" * (len(cols) + 2)]
     for t in results["tasks"]:
         lines.append(row(t, f"{results['primary'][t]} {results['directions'][t]}",
@@ -234,6 +247,9 @@ def format_markdown(results):
         "",
         "- Δm = (1/T) Σ_t ±(M_t − M_t,single) / M_t,single × 100, + when higher is better (evaluate.delta_m); "
         "undefined (—) if a single-task metric is 0.",
+        "- mean predictor: every task predicts its mean training target whatever the image (evaluate.MeanPredictor, "
+        f"means over {MEAN_BATCHES} training batches), the floor any model must beat; its Δm is how far the "
+        "single-task models are above it (negative: they beat it).",
         "- params, heads included: single-task = the sum (all tasks) or the mean (one task) of the T single-task "
         "models; a multi-task model needs all of its parameters even for one task; extracted = the sum or the mean "
         "of the T extracted models.",
@@ -265,7 +281,8 @@ def main(argv=None):
     defaults = QUICK if args.quick else dict(steps=400, batch_size=32, tasks=",".join(evaluate.TASKONOMY_TASKS))
     for k, v in defaults.items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    out = args.out or os.path.join("runs", "reproduce_quick" if args.quick else "reproduce")
+    # absolute: the subprocesses run in this file's folder
+    out = os.path.abspath(args.out or os.path.join("runs", "reproduce_quick" if args.quick else "reproduce"))
     tasks = [t for t in evaluate.TASKONOMY_TASKS if t in args.tasks.split(",")]  # the official order
     unknown = set(args.tasks.split(",")) - set(tasks)
     if unknown or len(tasks) < 2:
@@ -273,9 +290,9 @@ def main(argv=None):
 
     t0 = time.time()
     specs = run_specs(tasks)
-    for i, (name, settings, extract) in enumerate(specs):
+    for i, (name, settings, eval_flags) in enumerate(specs):
         print(f"[{i + 1}/{len(specs)}] ", end="")
-        train_and_evaluate(out, name, settings, extract, args)
+        train_and_evaluate(out, name, settings, eval_flags, args)
     for run in MOE_RUNS:
         shutil.copyfile(os.path.join(out, run, "expert_usage.png"), os.path.join(out, f"expert_usage_{run}.png"))
     results = build_results(out, tasks)

@@ -34,6 +34,8 @@ def test_table_from_fabricated_runs(tmp_path):
     mi = {"layers": ["blocks.0.attn", "blocks.1.mlp"], "per_layer": [0.1, 0.3], "bound": [math.log(2)] * 2}
     fake_run(out, "modsquad_nomi", TASKS, [("top1", 0.5), ("rmse_remap", 10.0)], mi=mi)  # equal: Δm 0
     fake_run(out, "modsquad", TASKS, [("top1", 0.6), ("rmse_remap", 8.0)], mi=mi)  # better on both: Δm +20 %
+    write(os.path.join(out, "modsquad", "mean_predictor_val.json"),
+          {"class_object": {"top1": 0.25}, "depth_euclidean": {"rmse_remap": 15.0}})  # Δm -50 %
     for name, top1, rmse in (("modsquad", 0.6, 9.0), ("modsquad_nomi", 0.45, 10.0)):
         write(os.path.join(out, name, "extraction.json"), {
             t: {"extracted": {"params": 1000, "macs": 500, "metrics": {metric: v}}, "kept_experts": [2, 4]}
@@ -41,7 +43,7 @@ def test_table_from_fabricated_runs(tmp_path):
 
     results = reproduce.build_results(out, TASKS)
     delta = results["delta_m"]
-    assert delta["single"] is None
+    assert delta["single"] is None and math.isclose(delta["mean"], -50)
     assert math.isclose(delta["dense"], -20) and math.isclose(delta["modsquad"], 20)
     assert math.isclose(delta["modsquad_nomi"], 0, abs_tol=1e-9)
     assert math.isclose(delta["extracted"], 15) and math.isclose(delta["extracted_nomi"], -5)
@@ -54,4 +56,4 @@ def test_table_from_fabricated_runs(tmp_path):
     assert rows[:3] == ["task", "class_object", "depth_euclidean"]
     assert rows[3].startswith("**Δm") and any(r.startswith("I(T;E)") for r in rows)
     delta_row = next(line for line in markdown.splitlines() if line.startswith("| **Δm"))
-    assert delta_row.split(" | ")[2:] == ["—", "-20.00", "+0.00", "+20.00", "+15.00", "-5.00 |"]
+    assert delta_row.split(" | ")[2:] == ["-50.00", "—", "-20.00", "+0.00", "+20.00", "+15.00", "-5.00 |"]
