@@ -74,7 +74,7 @@ g.add_argument("--epochs", type=float, default=None, help="training epochs")
 g.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps (ignored if --warmup-epochs)")
 g.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup epochs")
 g.add_argument("--batch-size", type=int, default=32, help="images per GPU/process per step")
-g.add_argument("--blr", type=float, default=8e-3, help="base lr: lr = blr * global batch / 256 (official rule)")
+g.add_argument("--blr", type=float, default=0.024, help="base lr: lr = blr * global batch / 256 (official rule)")
 g.add_argument("--min-lr", type=float, default=1e-6, help="end of the cosine schedule")
 g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay on >= 2-D weights")
 g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm (official: off for MoE runs)")
@@ -206,6 +206,14 @@ def all_reduce_mean(p_te):
     return dist.nn.functional.all_reduce(p_te) / world
 
 
+def checked(loader):
+    """The loader's batches; a file found missing or corrupt mid-run stops the run with its message (no traceback)."""
+    try:
+        yield from loader
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+
+
 def get_lr(step):  # linear warmup, then half-cosine to min_lr (util/lr_sched.py), per step
     if step < warmup:
         return lr * step / warmup
@@ -253,7 +261,7 @@ while step < max_steps:
     # the loader gets its own generator: drawing worker seeds from the global one would shift the drop-path RNG
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches(epoch, start), num_workers=args.workers,
                                          generator=torch.Generator().manual_seed(args.seed + epoch))
-    for images, targets in loader:
+    for images, targets in checked(loader):
         for group in optimizer.param_groups:
             group["lr"] = get_lr(step)
         images = images.to(args.device)

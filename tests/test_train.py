@@ -114,11 +114,8 @@ def test_nan_loss_stops_naming_step_and_task_and_keeps_last_checkpoint(tmp_path,
 
     monkeypatch.setattr(evaluate, "task_loss", poisoned)
     out = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", ["train.py", "--out-dir", str(out), "--steps", "3", "--ckpt-interval", "1",
-                                      "--no-final-eval", *FAST])
-    monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit):
-        runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+        run_in_process(monkeypatch, out, "--steps", "3", "--ckpt-interval", "1")
     err = capsys.readouterr().err
     assert "non-finite loss at step 1 in normal" in err
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
@@ -147,3 +144,51 @@ def test_dry_run_of_the_vit_s_pascal_recipe(tmp_path):
     proc = run("train.py", "--recipe", "pascal-small", "--dry-run", "--img-size", "64", "--out-dir",
                str(tmp_path / "run"))
     assert "5 tasks" in proc.stdout
+
+
+def run_in_process(monkeypatch, out, *extra):
+    monkeypatch.setattr(sys, "argv", ["train.py", "--out-dir", str(out), "--no-final-eval", *FAST, *extra])
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+
+
+def test_out_of_memory_suggests_the_batch_size_flag(tmp_path, monkeypatch, capsys):
+    import evaluate
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(evaluate, "task_loss", oom)
+    with pytest.raises(SystemExit):
+        run_in_process(monkeypatch, tmp_path / "run", "--steps", "1")
+    assert "out of GPU memory with --batch-size 4; lower it" in capsys.readouterr().err
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Checkpoints are written to a temporary file and renamed: dying inside torch.save keeps the last one whole."""
+    saves = {"n": 0}
+    real_save = torch.save
+
+    def dying_save(obj, path, *a, **k):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the second checkpoint: write half a file, then die
+            open(path, "wb").write(b"PK\x03\x04 half a checkpoint")
+            raise KeyboardInterrupt
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_in_process(monkeypatch, tmp_path / "run", "--steps", "3", "--ckpt-interval", "1")
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 1
+
+
+def test_a_corrupt_file_met_during_training_stops_with_its_path(tmp_path, monkeypatch, capsys):
+    import data
+
+    def corrupt(self, i):
+        raise ValueError(f"cannot decode /data/rgb/point_{i}.png: the file is truncated or corrupt; re-download it")
+
+    monkeypatch.setattr(data.SyntheticScenes, "__getitem__", corrupt)
+    with pytest.raises(SystemExit):
+        run_in_process(monkeypatch, tmp_path / "run", "--steps", "1")
+    assert "error: cannot decode /data/rgb/point_" in capsys.readouterr().err
