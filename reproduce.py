@@ -174,16 +174,25 @@ def build_results(out, tasks):
     extraction = {col: read_json(os.path.join(runs[run], "extraction.json")) for col, run in EXTRACTED_FROM.items()}
 
     mean_predictor = read_json(os.path.join(runs["modsquad"], "mean_predictor_val.json"))
-    values = {"mean": {t: mean_predictor[t][primary[t]] for t in tasks},
-              "single": {t: metrics(f"single_{t}")[t][primary[t]] for t in tasks}}
-    for run in ("dense", *MOE_RUNS):
-        values[run] = {t: metrics(run)[t][primary[t]] for t in tasks}
-    for col in EXTRACTED_FROM:
-        values[col] = {t: extraction[col][t]["extracted"]["metrics"][primary[t]] for t in tasks}
-    # Δm is a relative change: undefined when a single-task metric is 0 (top-1 of a barely trained classifier)
-    defined = all(values["single"][t] != 0 for t in tasks)
-    delta = {col: evaluate.delta_m(values[col], values["single"], directions) if col != "single" and defined else None
-             for col in COLUMNS}
+
+    def column_values(metric):  # metric[t]: the metric that judges task t
+        values = {"mean": {t: mean_predictor[t][metric[t]] for t in tasks},
+                  "single": {t: metrics(f"single_{t}")[t][metric[t]] for t in tasks}}
+        for run in ("dense", *MOE_RUNS):
+            values[run] = {t: metrics(run)[t][metric[t]] for t in tasks}
+        for col in EXTRACTED_FROM:
+            values[col] = {t: extraction[col][t]["extracted"]["metrics"][metric[t]] for t in tasks}
+        # Δm is a relative change: undefined when a single-task metric is 0 (top-1 of a barely trained classifier)
+        defined = all(values["single"][t] != 0 for t in tasks)
+        dirs = {t: evaluate.direction(metric[t]) for t in tasks}
+        delta = {col: evaluate.delta_m(values[col], values["single"], dirs) if col != "single" and defined else None
+                 for col in COLUMNS}
+        return values, delta
+
+    values, delta = column_values(primary)
+    # the official normal metric (L1 of the raw output) scores a length the cosine loss never trains: Δm again with
+    # normal judged by its mean angular error
+    delta_angle = column_values({**primary, "normal": "mean_angle_deg"})[1] if "normal" in tasks else None
 
     # parameters to serve all T tasks and to serve one; active MACs per task pass (heads excluded, as counted there)
     single = [count_params_flops(config(f"single_{t}"), 0) for t in tasks]
@@ -210,7 +219,7 @@ def build_results(out, tasks):
     budget = {k: train_args[k] for k in ("steps", "batch_size", "blr", "seed", "warmup_steps", "preset")}
     budget.update(lr=train_args["blr"] * train_args["batch_size"] / 256, img_size=cfg.img_size)
     return {"tasks": list(tasks), "columns": COLUMNS, "primary": primary, "directions": directions, "values": values,
-            "delta_m": delta, "params_all_tasks": params_all, "params_one_task": params_one, "macs": macs,
+            "delta_m": delta, "delta_m_normal_by_angle": delta_angle, "params_all_tasks": params_all, "params_one_task": params_one, "macs": macs,
             "kept_experts_mean": kept, "experts_mean": mean(experts), "mi": mi, "budget": budget,
             "seconds": {run: {k: s.get(k) for k in ("train_s", "eval_s")} for run, s in stamps.items()}}
 
@@ -234,6 +243,8 @@ def format_markdown(results):
                          [cell(results["values"][c][t], ".4f") for c in cols]))
     summary = [
         ("**Δm (%)** vs single-task", "↑", results["delta_m"], "+.2f"),
+        *([("Δm (%), normal by mean angle", "↑", results["delta_m_normal_by_angle"], "+.2f")]
+          if results.get("delta_m_normal_by_angle") else []),
         ("params (M), serving all tasks", "", {c: v / 1e6 for c, v in results["params_all_tasks"].items()}, ".3f"),
         ("params (M), serving one task", "", {c: v / 1e6 for c, v in results["params_one_task"].items()}, ".3f"),
         ("active MACs per task pass (M)", "", {c: v / 1e6 for c, v in results["macs"].items()}, ".2f"),
