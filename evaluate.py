@@ -558,6 +558,8 @@ def main(argv=None):
     parser.add_argument("--threshold", type=float, default=0.03,
                         help="keep experts chosen by more than this fraction of a task's tokens (official: 3%%)")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
+    parser.add_argument("--single-task", nargs="+", default=None, metavar="RUN_DIR",
+                        help="single-task runs (their metrics_<split>.json) to compute Δm against")
     parser.add_argument("--mean-baseline", type=int, default=0, metavar="N",
                         help="also score the mean predictor, with means over N training batches")
     args = parser.parse_args(argv)
@@ -586,6 +588,18 @@ def main(argv=None):
         json.dump({"step": ckpt.get("step"), "split": args.split, "metrics": results,
                    "primary": {t: PRIMARY_METRIC.get(t) for t in results},
                    "directions": {m: direction(m) for r in results.values() for m in r}}, f, indent=2)
+
+    if args.single_task:  # Δm against single-task runs evaluated on the same split
+        single = {}
+        for run in args.single_task:
+            with open(os.path.join(run, f"metrics_{args.split}.json")) as f:
+                single.update(json.load(f)["metrics"])
+        # Δm is a relative change: a task whose single-task metric is 0 cannot enter it
+        shared = [t for t in results if t in single and single[t][PRIMARY_METRIC[t]] != 0]
+        primary = {t: PRIMARY_METRIC[t] for t in shared}
+        dm = delta_m({t: results[t][primary[t]] for t in shared}, {t: single[t][primary[t]] for t in shared},
+                     {t: direction(primary[t]) for t in shared})
+        print(f"Δm against the single-task runs, over {len(shared)} tasks (primary metrics): {dm:+.2f} %")
 
     if args.mean_baseline:
         train_set = data.build_dataset(train_args.get("dataset", "synthetic"), "train", root=train_args.get("data_root"),

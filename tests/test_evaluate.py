@@ -129,3 +129,20 @@ def test_mean_predictor_predicts_the_masked_mean_target():
     torch.testing.assert_close(pred, torch.full((2, 1, 8, 8), 0.3))
     logits, _ = predictor(torch.zeros(1, 3, 8, 8), 1)  # classes 0 and 2 seen once each, class 1 never
     assert logits[0, 0, 0, 0] == logits[0, 2, 0, 0] > logits[0, 1, 0, 0]
+
+
+def test_cli_delta_m_against_single_task_runs(tiny_cfg, tmp_path, capsys):
+    """Δm of a run against single-task runs' metrics: 0 when they score the same, signed by direction otherwise."""
+    run = tmp_path / "mtl"
+    run.mkdir()
+    make_run(replace(tiny_cfg, tasks=SYNTHETIC_TASKS[2:5]), run)  # dense tasks: no top-1 of 0 to divide by
+    evaluate.main([str(run), "--max-batches", "1", "--device", "cpu"])
+    metrics = json.loads((run / "metrics_val.json").read_text())["metrics"]
+    single = tmp_path / "single"
+    single.mkdir()
+    worse = {t: {k: v * (1.1 if evaluate.direction(k) == "↓" else 0.9) for k, v in m.items()} for t, m in metrics.items()}
+    (single / "metrics_val.json").write_text(json.dumps({"metrics": worse}))
+    capsys.readouterr()
+    evaluate.main([str(run), "--max-batches", "1", "--device", "cpu", "--single-task", str(single)])
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("Δm")][0]
+    assert "over 3 tasks" in line and float(line.split(":")[1].split()[0]) > 0
