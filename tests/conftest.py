@@ -6,6 +6,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(min(2, torch.get_num_threads()))
+os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in test logs (also in the train.py subprocesses)
 
 from modsquad import ModSquadConfig  # noqa: E402
 

@@ -180,6 +180,10 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatc
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         run_in_process(monkeypatch, tmp_path / "run", "--steps", "3", "--ckpt-interval", "1")
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):  # the killed run's progress bar, closed here rather than at exit
+        bar.close()
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 1
 
 
