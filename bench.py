@@ -228,10 +228,8 @@ def bench_layers(device, cases):
 
 def random_batch(cfg, B, device):
     """Images and targets of the right shapes and ranges (the timing does not depend on their content)."""
-    images = torch.rand(B, cfg.in_chans, cfg.img_size, cfg.img_size, device=device) * 2 - 1
-    targets = {name: torch.randn(B, C, cfg.img_size, cfg.img_size, device=device) if kind == "dense"
-               else torch.randn(B, C, device=device).softmax(dim=-1) for name, C, kind in cfg.tasks}
-    return images, targets
+    images, targets = next(iter(torch.utils.data.DataLoader(data.RandomTargets(cfg.tasks, cfg.img_size, B), B)))
+    return images.to(device), {k: v.to(device) for k, v in targets.items()}
 
 
 def make_step(model, images, targets):

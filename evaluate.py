@@ -522,6 +522,15 @@ def plot_predictions(model, batch, path, num_images=3):
 # -----------------------------------------------------------------------------
 # Command line: metrics of a run, and the extraction report
 
+def run_loader(train_args, split, cfg, length=None):
+    """A loader over `split` of the data a run was trained on (train.py's args), for the tasks of cfg."""
+    dataset = data.build_dataset(train_args.get("dataset", "synthetic"), split, root=train_args.get("data_root"),
+                                 tasks=[name for name, _, _ in cfg.tasks], img_size=cfg.img_size, length=length,
+                                 seed=train_args.get("seed", 0))
+    return torch.utils.data.DataLoader(dataset, batch_size=train_args.get("batch_size", 8),
+                                       num_workers=train_args.get("workers", 0))
+
+
 def extraction_report(model, loader, device, tasks, threshold, max_batches, full_results, run_dir):
     """Per task: measure expert usage on the evaluation data, extract, and evaluate the extracted model beside the
     full one. Prints them side by side; saves extract_<task>.pt, extraction.json and expert_usage.png into run_dir."""
@@ -574,11 +583,7 @@ def main(argv=None):
     names, train_args = [name for name, _, _ in model.cfg.tasks], ckpt.get("args", {})
     if args.extract not in (None, "all", *names):
         parser.error(f"--extract {args.extract}: not a task of this model ({', '.join(names)}) nor 'all'")
-    dataset = data.build_dataset(train_args.get("dataset", "synthetic"), args.split, root=train_args.get("data_root"),
-                                 tasks=names, img_size=model.cfg.img_size, length=train_args.get("val_length"),
-                                 seed=train_args.get("seed", 0))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=train_args.get("batch_size", 8),
-                                         num_workers=train_args.get("workers", 0))
+    loader = run_loader(train_args, args.split, model.cfg, length=train_args.get("val_length"))
     if args.max_batches is not None:  # load them once: every task pass, usage count and extraction reuses them
         loader = list(itertools.islice(loader, args.max_batches))
 
@@ -602,11 +607,9 @@ def main(argv=None):
         print(f"Δm against the single-task runs, over {len(shared)} tasks (primary metrics): {dm:+.2f} %")
 
     if args.mean_baseline:
-        train_set = data.build_dataset(train_args.get("dataset", "synthetic"), "train", root=train_args.get("data_root"),
-                                       tasks=names, img_size=model.cfg.img_size, seed=train_args.get("seed", 0),
-                                       length=args.mean_baseline * train_args.get("batch_size", 8))
-        train_batches = itertools.islice(torch.utils.data.DataLoader(train_set, batch_size=train_args.get(
-            "batch_size", 8), num_workers=train_args.get("workers", 0)), args.mean_baseline)
+        train_batches = itertools.islice(run_loader(train_args, "train", model.cfg,
+                                                    length=args.mean_baseline * train_args.get("batch_size", 8)),
+                                         args.mean_baseline)
         baseline = evaluate_model(MeanPredictor(model.cfg, train_batches), loader, device, max_batches=args.max_batches)
         print(f"against predicting the training mean:\n{format_comparison(results, baseline)}")
         with open(os.path.join(args.run_dir, f"mean_predictor_{args.split}.json"), "w") as f:

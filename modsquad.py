@@ -26,7 +26,7 @@ auxiliary losses of the official code (switch, z, cv, top-k loss: weight 0 in th
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple, Optional
 
 import torch

@@ -29,7 +29,6 @@ import time
 
 import torch
 
-import data
 import evaluate
 from modsquad import ModSquad, ModSquadConfig, count_params_flops, mutual_information_loss, task_expert_joint
 
@@ -99,10 +98,8 @@ def measure_mi(run_dir, max_batches):
     model.load_state_dict(ckpt["model"])
     model.eval()
     names, train_args = [name for name, _, _ in model.cfg.tasks], ckpt["args"]
-    # the validation images evaluate.py scores the run on (its main() builds them the same way)
-    dataset = data.build_dataset(train_args["dataset"], "val", root=train_args["data_root"], tasks=names,
-                                 img_size=model.cfg.img_size, length=train_args["val_length"], seed=train_args["seed"])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=train_args["batch_size"])
+    # the validation images evaluate.py scores the run on
+    loader = evaluate.run_loader(train_args, "val", model.cfg, length=train_args["val_length"])
     probs = [[[] for _ in model.moe_layers] for _ in names]  # probs[t][l]: (B*N, E) router probabilities per batch
     for images, _ in itertools.islice(loader, max_batches):
         for t in range(len(names)):

@@ -168,8 +168,9 @@ weighting = UncertaintyWeighting(len(tasks)).to(args.device) if args.loss_weight
 fixed_weights = torch.tensor([evaluate.PASCAL_LOSS_WEIGHTS.get(t, 1.0) for t in tasks], device=args.device)
 # AdamW (eps 1e-4, main_mt.py:339); weight decay on >= 2-D weights except pos/cls (timm no_weight_decay); the
 # official code also decays the uncertainty weights' σ (util/lr_decay.py)
-decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n not in ("pos_embed", "cls_token")]
-no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n not in ("pos_embed", "cls_token"))]
+decay, no_decay = [], []
+for n, p in model.named_parameters():
+    (decay if p.ndim >= 2 and n not in ("pos_embed", "cls_token") else no_decay).append(p)
 groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
 if weighting is not None:
     groups.append(dict(params=list(weighting.parameters()), weight_decay=args.weight_decay))
