@@ -11,7 +11,8 @@ load; ratios of interleaved repetitions (baseline and candidate take turns; medi
    against the official sort-and-loop dispatch (ParallelExperts), at the tiny default and at ViT-S scale.
 2. model: a Mod-Squad training step (13 task passes, MI loss, one backward, AdamW) against the dense multi-task
    baseline's; an extracted single-task model against the full model (inference time, parameters, peak memory).
-3. data: synthetic samples generated per second against the images per second the training step consumes.
+3. one-call: the training step with all tasks in one backbone call against one call per task, at several batches.
+4. data: synthetic samples generated per second against the images per second the training step consumes.
 
 On Linux, glibc serves each block over its mmap threshold (at most 32 MB by default) with a fresh mmap, whose pages
 fault in again on first touch; the MoE layers allocate more such temporaries than the dense ones (ViT-S, batch 32).
@@ -232,19 +233,19 @@ def random_batch(cfg, B, device):
     return images.to(device), {k: v.to(device) for k, v in targets.items()}
 
 
-def make_step(model, images, targets):
-    """One training step as train.py takes it: a pass per task on the same images, Σ task losses + w_MI * L_MI,
-    one backward, one AdamW step."""
+def make_step(model, images, targets, one_call=True):
+    """One training step as train.py takes it: every task's pass on the same images (all in one model call, or one
+    call per task), Σ task losses + w_MI * L_MI, one backward, one AdamW step."""
     cfg = model.cfg
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-4, weight_decay=0.05)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        losses, routings = [], []
-        for t, (name, _, _) in enumerate(cfg.tasks):
-            pred, routing = model(images, t)
-            losses.append(evaluate.task_loss(name, pred, targets[name]))
-            routings.append(routing)
+        if one_call:
+            preds, routings = model(images, list(range(len(cfg.tasks))))
+        else:
+            preds, routings = map(list, zip(*(model(images, t) for t in range(len(cfg.tasks)))))
+        losses = [evaluate.task_loss(name, pred, targets[name]) for (name, _, _), pred in zip(cfg.tasks, preds)]
         loss = torch.stack(losses).sum() + cfg.mi_weight * mi_loss(routings).to(images.device)
         loss.backward()
         optimizer.step()
@@ -335,6 +336,58 @@ def bench_model(device, cfg, B, reps, task=2):
     return results
 
 
+def one_call_cases(device, quick):
+    """(label, config, per-task batches, repetitions) of the one-call vs per-task-loop step. CPU: the tiny default
+    and a ViT-S-shaped model (ViT-S width and experts, 4 blocks, 112 px = 50 tokens, to keep a step in seconds);
+    CUDA: the real ViT-B preset at the paper's per-GPU batch 6, and ViT-S."""
+    tiny = ModSquadConfig()
+    small = ModSquadConfig.from_preset("mtvit_taskgate_att_mlp_small_MI_twice")
+    if device.type == "cuda":
+        base = ModSquadConfig.from_preset("mtvit_taskgate_att_mlp_base_MI_twice")
+        return [("ViT-B", base, [6], 3 if quick else 10), ("ViT-S", small, [14], 3 if quick else 10)]
+    small_shaped = replace(small, depth=4, img_size=112)
+    if quick:
+        return [("tiny", tiny, [4, 8], 3), ("ViT-S-shaped", small_shaped, [2], 2)]
+    return [("tiny", tiny, [4, 8, 32], 10), ("ViT-S-shaped", small_shaped, [4], 4)]
+
+
+def bench_one_call(device, cases):
+    """The training step with all T tasks in one backbone call (T*B rows) against one call per task (B rows each):
+    same computation, same activations kept for the one backward."""
+    rows, results = [], []
+    for label, cfg, batches, reps in cases:
+        torch.manual_seed(0)
+        model = ModSquad(cfg).to(device).train()
+        for B in batches:
+            images, targets = random_batch(cfg, B, device)
+            steps, optimizers = {}, {}
+            for name, one_call in (("loop", False), ("one call", True)):
+                steps[name], optimizers[name] = make_step(model, images, targets, one_call)
+            t = interleaved(steps, reps, device)
+            speedup = ratio(t, "loop", "one call")
+            peaks = {}
+            for name in steps:
+                optimizers[name].zero_grad(set_to_none=True)
+                resident = tensor_bytes(model.parameters()) + tensor_bytes(optimizer_state(optimizers[name]))
+                peaks[name] = peak_bytes(steps[name], resident, device)
+            target = ""
+            if label == "tiny" and B in (8, 32) and device.type == "cpu":
+                need = 1.4 if B == 8 else 1.0
+                target = f"{verdict(speedup >= need)} (>= {need}x)"
+            elif label == "ViT-B" and device.type == "cuda":
+                target = f"{verdict(speedup >= 2.0)} (>= 2x)"
+            rows.append([label, len(cfg.tasks), B, f"{ms(t['loop']):.1f}", f"{ms(t['one call']):.1f}",
+                         f"{speedup:.2f}x", f"{peaks['loop'] / 2**20:.1f}", f"{peaks['one call'] / 2**20:.1f}",
+                         target])
+            results.append(dict(model=label, batch=B, ms={k: ms(v) for k, v in t.items()}, speedup=speedup,
+                                peak_mib={k: v / 2**20 for k, v in peaks.items()}))
+        del model
+    print_table("Training step: all tasks in one backbone call vs one call per task (fwd + MI + bwd + AdamW)",
+                ["model", "tasks", "per-task batch", "loop ms", "one call ms", "loop/one call", "loop peak MiB",
+                 "one call peak MiB", "target"], rows)
+    return results
+
+
 # -----------------------------------------------------------------------------
 # 3. Data
 
@@ -362,7 +415,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and smaller batches")
-    p.add_argument("--only", choices=["layers", "model", "data"], default=None, help="run one section")
+    p.add_argument("--only", choices=["layers", "model", "one-call", "data"], default=None, help="run one section")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's); 1 on a machine whose cores other jobs also use, where "
@@ -381,6 +434,8 @@ def main(argv=None):
         results["layers"] = bench_layers(device, layer_cases(args.quick))
     if args.only in (None, "model"):
         results["model"] = bench_model(device, ModSquadConfig(), B, reps)
+    if args.only in (None, "one-call"):
+        results["one_call"] = bench_one_call(device, one_call_cases(device, args.quick))
     if args.only in (None, "data"):
         if "model" in results:
             images_per_s = results["model"]["images_per_s"]

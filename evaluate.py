@@ -359,8 +359,8 @@ def delta_m(results, single_task_results, directions):
 
 @torch.no_grad()
 def evaluate_model(model, loader, device, tasks=None, max_batches=None):
-    """Run model(images, t) for every task t (names, default all of model.cfg.tasks) over loader's (images, targets)
-    batches. Returns {task: {metric: value}}, each with the task's mean `loss`."""
+    """Run the tasks (names, default all of model.cfg.tasks) over loader's (images, targets) batches, all tasks in
+    one model call per batch. Returns {task: {metric: value}}, each with the task's mean `loss`."""
     names = [name for name, _, _ in model.cfg.tasks]
     tasks = names if tasks is None else list(tasks)
     was_training = model.training
@@ -370,8 +370,8 @@ def evaluate_model(model, loader, device, tasks=None, max_batches=None):
     total = len(loader) if max_batches is None else min(max_batches, len(loader))
     for images, targets in tqdm(batches, total=total, desc="evaluate", leave=False):
         images = images.to(device)
-        for name in tasks:
-            pred, _ = model(images, names.index(name))
+        preds, _ = model(images, [names.index(name) for name in tasks])
+        for name, pred in zip(tasks, preds):
             mask = targets.get(f"{name}_mask")
             metrics.update(name, pred, targets[name].to(device), None if mask is None else mask.to(device))
     model.train(was_training)
@@ -403,7 +403,9 @@ class MeanPredictor(torch.nn.Module):
                 mean = torch.logit(mean.clamp(1e-6, 1 - 1e-6))
             self.means[name] = mean
 
-    def forward(self, images, task):
+    def forward(self, images, task):  # task: an int or a list of them, as ModSquad.forward
+        if not isinstance(task, int):
+            return [self(images, t)[0] for t in task], [[] for _ in task]
         mean = self.means[self.cfg.tasks[task][0]].to(images.device)
         return mean.expand(images.shape[0], *mean.shape), []
 
@@ -504,8 +506,9 @@ def plot_predictions(model, batch, path, num_images=3):
     for i in range(n):
         _show(axes[0, 2 * i], "rgb", images[i], images[i])
         axes[0, 2 * i + 1].axis("off")
-    for t, name in enumerate(tasks):
-        pred = model(images.to(device), t)[0].float().cpu()
+    preds, _ = model(images.to(device), list(range(len(tasks))))
+    for t, (name, pred) in enumerate(zip(tasks, preds)):
+        pred = pred.float().cpu()
         pred = torch.sigmoid(pred) if name in ("saliency", "edge") else pred  # logits -> probabilities
         for i in range(n):
             target = targets[name][i]

@@ -61,7 +61,8 @@ class ModSquadConfig:
     mlp_top_k: int = 2  # K of MoE MLP ("ffd_heads" in the official code)
     mlp_ratio: float = 4.0  # dense MLP hidden = mlp_ratio*D; expert hidden Dm = mlp_ratio*D // mlp_top_k
     moe: bool = True  # False: the dense multi-task baseline with the same active FLOPs
-    layout: str = "alternate"  # "alternate": MoE attention in even blocks, MoE MLP in odd ("twice"); "all": both
+    layout: str = "alternate"  # "alternate": MoE attention in even blocks, MoE MLP in odd ("twice"); "all": both;
+    #                            "dense": no MoE layer, standard ViT blocks (the authors' dense mtvit_* baselines)
     qkv_bias: bool = True
     noisy_gating: bool = False  # Gaussian noise on the router logits while training (off in the Mod-Squad configs)
     mi_weight: float = 0.005  # w_MI, weight of the mutual-information loss
@@ -74,13 +75,13 @@ class ModSquadConfig:
         if self.kept_experts is not None:
             self.kept_experts = tuple(tuple(int(e) for e in ids) for ids in self.kept_experts)
         problems = []
-        if self.layout not in ("alternate", "all"):
-            problems.append(f"layout must be 'alternate' or 'all', got {self.layout!r}")
+        if self.layout not in ("alternate", "all", "dense"):
+            problems.append(f"layout must be 'alternate', 'all' or 'dense', got {self.layout!r}")
         if self.img_size % self.patch_size:
             problems.append(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        if self.num_heads > self.num_attn_experts:
+        if self.layout != "dense" and self.num_heads > self.num_attn_experts:
             problems.append(f"num_heads (top-k of MoE attention) {self.num_heads} > num_attn_experts {self.num_attn_experts}")
-        if self.mlp_top_k > self.num_mlp_experts:
+        if self.layout != "dense" and self.mlp_top_k > self.num_mlp_experts:
             problems.append(f"mlp_top_k {self.mlp_top_k} > num_mlp_experts {self.num_mlp_experts}")
         if min(self.embed_dim, self.depth, self.num_heads, self.head_dim, self.mlp_top_k, self.mlp_dim) < 1:
             problems.append("embed_dim, depth, num_heads, head_dim, mlp_top_k and the expert hidden size must be >= 1")
@@ -109,13 +110,15 @@ class ModSquadConfig:
     def block_kinds(self, i):
         """(attention kind, MLP kind) of block i: 'moe' marks an MoE slot (with moe=False it holds the dense twin of
         the MoE layer), 'dense' an ordinary ViT sublayer."""
+        if self.layout == "dense":  # MTVisionTransformer, models_mt.py:12-99: timm ViT blocks
+            return "dense", "dense"
         moe_attn = self.layout == "all" or i % 2 == 0  # use_moe_attn, models_mt.py:163-164
         moe_mlp = self.layout == "all" or i % 2 == 1
         return ("moe" if moe_attn else "dense"), ("moe" if moe_mlp else "dense")
 
     def moe_layer_kinds(self):
         """'attn' or 'mlp' for each MoE layer, in forward order (empty for the dense baseline)."""
-        if not self.moe:
+        if not self.moe or self.layout == "dense":
             return []
         return [kind for i in range(self.depth) for kind, k in zip(("attn", "mlp"), self.block_kinds(i)) if k == "moe"]
 
@@ -144,6 +147,13 @@ PRESETS = {
         img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, head_dim=128, num_attn_experts=15,
         num_mlp_experts=16, mlp_top_k=4, mlp_ratio=4.0, layout="alternate", mi_weight=0.005, drop_path=0.1,
         tasks=TASKONOMY_TASKS),
+    # the authors' dense multi-task baselines (models_mt.py:816 and :591): standard ViT-B / ViT-S blocks, head_dim 64
+    "mtvit_base": dict(  # 90.01 M params, 17.56 GMACs per task pass
+        img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, head_dim=64, layout="dense",
+        mi_weight=0.0, drop_path=0.1, tasks=TASKONOMY_TASKS),
+    "mtvit_small": dict(  # 23.78 M params, 4.60 GMACs per task pass
+        img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, head_dim=64, layout="dense",
+        mi_weight=0.0, drop_path=0.1, tasks=TASKONOMY_TASKS),
 }
 
 # -----------------------------------------------------------------------------
@@ -151,11 +161,13 @@ PRESETS = {
 
 
 class Routing(NamedTuple):
-    """What one MoE layer decided for one task pass (returned, never stored on the module).
-    probs:    (B*N, E) float32, softmax over all experts of the task's router (the MI loss uses these)
+    """What one MoE layer decided for the tokens of one task pass (returned, never stored on the module).
+    probs:    (B*N, E) softmax over all experts of the task's router, in float32 or wider (the MI loss uses these)
     topk_idx: (B*N, K) long, the chosen experts, as indices into this layer's experts (the expert ids, unless the
               model was extracted: then positions in router.expert_ids)
-    gates:    (B*N, K) float32, the softmax probabilities of the chosen experts (not renormalised)"""
+    gates:    (B*N, K) the weights of the chosen experts: their softmax probabilities + 1e-4, not renormalised
+    A layer called on several tasks at once returns one Routing over all their rows (T*B*N, task-major);
+    ModSquad.forward splits it into one Routing per task."""
     probs: torch.Tensor
     topk_idx: torch.Tensor
     gates: torch.Tensor
@@ -177,16 +189,24 @@ class TaskRouter(nn.Module):
                 nn.init.trunc_normal_(w, std=0.02)
 
     def forward(self, x, task):
-        # router in float32, also under autocast: bf16 logits flip top-k choices
+        """x: (T*B*N, D), the tokens of T task passes in T contiguous blocks; task: the T task indices (a list), or
+        one int for one pass. Block t is routed by task[t]'s router."""
+        tasks = [task] if isinstance(task, int) else list(task)
+        # router in float32 (or the input's wider type), also under autocast: bf16 logits flip top-k choices
+        dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            x = x.float()
-            logits = x @ self.w_gate[task].float().t()  # (B*N, D) x (D, E) -> (B*N, E)
+            x = x.to(dtype).view(len(tasks), -1, x.shape[-1])  # (T, B*N, D)
+            # logits of every task block with its own router: one batched matmul over the T routers
+            logits = torch.bmm(x, self.w_gate[tasks].to(dtype).transpose(1, 2))  # (T, B*N, D) x (T, D, E)
             if self.w_noise is not None and self.training:  # noisy top-k gating, train only (official: also eval)
-                noise_std = F.softplus(x @ self.w_noise[task].float().t()) + 1e-2
+                noise_std = F.softplus(torch.bmm(x, self.w_noise[tasks].to(dtype).transpose(1, 2))) + 1e-2
                 logits = logits + torch.randn_like(logits) * noise_std
-            # π = softmax(x W_t): no +1e-4 here (moe.py:465 adds it, so its rows summed to 1 + E*1e-4)
-            probs = logits.softmax(dim=-1)  # (B*N, E)
-            gates, topk_idx = probs.index_select(1, self.expert_ids).topk(self.top_k, dim=-1)  # (B*N, K) each
+            # π = softmax(x W_t)  (B*N, E) per task: a proper distribution, which the MI loss uses
+            probs = logits.flatten(0, 1).softmax(dim=-1)  # (T*B*N, E)
+            top_p, topk_idx = probs.index_select(1, self.expert_ids).topk(self.top_k, dim=-1)  # (T*B*N, K) each
+            # g = the chosen π + 1e-4, as the official gates (moe.py:465, then 482-490): every chosen expert weighs
+            # at least 1e-4; the softmax is not renormalised over the K chosen
+            gates = top_p + 1e-4
         return Routing(probs, topk_idx, gates)
 
     def keep_(self, task, keep):
@@ -214,8 +234,10 @@ def sort_by_expert(topk_idx, num_experts):
     flat = topk_idx.flatten()  # (P,)
     order = flat.argsort(stable=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    counts = torch.bincount(flat, minlength=num_experts)
-    return Dispatch(order, inverse, order // topk_idx.shape[1], flat[order], counts.cumsum(0).to(torch.int32))
+    expert = flat[order]  # ascending
+    # end of each expert's rows = how many sorted ids are <= e; unlike bincount, searchsorted needs no host sync on GPU
+    offsets = torch.searchsorted(expert, torch.arange(num_experts, device=flat.device), right=True)
+    return Dispatch(order, inverse, order // topk_idx.shape[1], expert, offsets.to(torch.int32))
 
 
 def expert_matmul(x, w, d):
@@ -445,23 +467,39 @@ class ModSquad(nn.Module):
             nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
 
     def forward(self, images, task):
-        """images: (B, 3, H, W) in [-1, 1]; task: int index into cfg.tasks.
-        Returns (pred, routings): pred (B, C, H, W) for a dense task, (B, C) logits for an image task; routings: one
-        Routing per MoE layer, in the order of self.moe_layer_names."""
-        name, C, kind = self.cfg.tasks[task]
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N-1, D)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # (B, N, D)
-        routings = []
+        """images: (B, 3, H, W) in [-1, 1]; task: an int index into cfg.tasks, or a list of them.
+        One task: returns (pred, routings): pred (B, C, H, W) for a dense task, (B, C) logits for an image task;
+        routings: one Routing per MoE layer, in the order of self.moe_layer_names.
+        A list of T tasks: returns ([pred per task], [routings per task]), the same values as T one-task calls, from one
+        backbone call on T*B rows (task-major): every dense GEMM is T times taller and each MoE layer routes and
+        dispatches all rows at once, each row block with its own task's embedding, router and head."""
+        tasks = [task] if isinstance(task, int) else list(task)
+        T, B = len(tasks), images.shape[0]
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N-1, D), once for all tasks
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed  # (B, N, D)
+        N, D = x.shape[1:]
+        task_embed = self.task_embed[tasks][:, None, None]  # (T, 1, 1, D)
+        x = x[None]  # (1, B, N, D): broadcast over the tasks by the first task embedding
+        routings = [[] for _ in tasks]
         for block in self.blocks:
-            x = x + self.task_embed[task]  # the task embedding is added before every block (models_mt.py:505)
-            x, r = block(x, task)
-            routings += r
+            # the task embedding is added before every block (models_mt.py:505); rows t*B..(t+1)*B-1 are task t's
+            x = (x.view(-1, B, N, D) + task_embed).flatten(0, 1)  # (T*B, N, D)
+            x, layer_routings = block(x, tasks)
+            for r in layer_routings:  # (T*B*N, .) -> T Routings of (B*N, .)
+                for per_task, split in zip(routings, zip(*(v.chunk(T) for v in r))):
+                    per_task.append(Routing(*split))
+        x = x.view(T, B, N, D)
+        preds = [self._head(x[i], t) for i, t in enumerate(tasks)]
+        return (preds[0], routings[0]) if isinstance(task, int) else (preds, routings)
+
+    def _head(self, x, task):
+        """x: (B, N, D) final tokens of one task pass -> its prediction."""
+        name, C, kind = self.cfg.tasks[task]
         if kind == "image":  # mean of patch tokens (no cls), norm, head
-            return self.heads[name](self.fc_norm(x[:, 1:].mean(dim=1))), routings  # (B, C)
+            return self.heads[name](self.fc_norm(x[:, 1:].mean(dim=1)))  # (B, C)
         B, g, p = x.shape[0], self.grid, self.cfg.patch_size
         y = self.heads[name](self.norm(x)[:, 1:])  # (B, g*g, p*p*C), per patch (row, col, channel), channel fastest
-        y = y.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)  # unpatchify
-        return y, routings
+        return y.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)  # unpatchify
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """
-Train Mod-Squad: one backbone pass per task on the same images, the task losses plus w_MI * L_MI, one backward.
+Train Mod-Squad: every task's backbone pass on the same images (all in one call), the task losses plus w_MI * L_MI,
+one backward.
 
     python train.py                                    # the default: 13 synthetic Taskonomy-like tasks, CPU, minutes
     python train.py --tasks depth_euclidean            # a single-task baseline
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 import data
 import evaluate
+import pretrained
 from modsquad import ModSquad, ModSquadConfig, PRESETS, mi_loss
 
 # The paper's runs (modsquad_spec.md §3.3); per-GPU batch as launched. Flags given on the command line win.
@@ -40,6 +42,14 @@ RECIPES = {
                             warmup_epochs=10, drop_path=0.1, batch_size=14, img_size=224),
     "pascal-small": dict(dataset="pascal", preset="mtvit_taskgate_att_mlp_small_MI_twice", blr=6e-4, epochs=100,
                          warmup_epochs=10, drop_path=0.1, batch_size=8, img_size=512, loss_weighting="fixed"),
+    # pascal-small with ImageNet ViT heads (head_dim 64, not the presets' 128), so that --init DeiT-S / ViT-B weights
+    # load every attention head (pretrained.py; README, PASCAL-Context); without --init: the same model from scratch
+    "pascal-small-in1k": dict(dataset="pascal", preset="mtvit_taskgate_att_mlp_small_MI_twice", head_dim=64, blr=6e-4,
+                              epochs=100, warmup_epochs=10, drop_path=0.1, batch_size=8, img_size=512,
+                              loss_weighting="fixed"),
+    "pascal-base-in1k": dict(dataset="pascal", preset="mtvit_taskgate_att_mlp_base_MI_twice", head_dim=64, blr=4e-4,
+                             epochs=100, warmup_epochs=10, drop_path=0.1, batch_size=8, img_size=512,
+                             loss_weighting="fixed"),
 }
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,6 +75,10 @@ g.add_argument("--preset", choices=PRESETS, default="tiny", help="model size (mo
 g.add_argument("--no-moe", action="store_true", help="dense multi-task baseline with the same active FLOPs")
 g.add_argument("--mi-weight", type=float, default=None, help="weight of the MI loss (0 = no-MI ablation)")
 g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
+g.add_argument("--head-dim", type=int, default=None, help="attention head width (64 loads ImageNet ViT heads; the "
+               "paper's MoE presets use 128)")
+g.add_argument("--init", default=None, metavar="PATH", help="start from a dense ViT checkpoint: timm/DeiT/MAE or "
+               "torchvision state dict (pretrained.py); ignored with --resume")
 g.add_argument("--loss-weighting", choices=["uncertainty", "fixed"], default=None,
                help="uncertainty (Taskonomy default): official learnable weights; fixed (PASCAL default): M3ViT's "
                     "weights semseg 1, parts 2, saliency 5, normals 10, edge 50 (1 for other tasks)")
@@ -82,6 +96,8 @@ g = p.add_argument_group("system")
 g.add_argument("--seed", type=int, default=0)
 g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
 g.add_argument("--compile", action="store_true", help="torch.compile the model (off: top-k routing graph-breaks)")
+g.add_argument("--task-loop", action="store_true",
+               help="run the backbone once per task (the official structure) instead of all tasks in one call")
 g.add_argument("--dry-run", action="store_true", help="one step of the full-size model on random data, on CPU")
 pre, _ = p.parse_known_args()
 p.set_defaults(**RECIPES[pre.recipe])
@@ -130,7 +146,8 @@ try:
     cfg = ModSquadConfig.from_dict({**asdict(model_defaults), "img_size": img_size, "tasks": train_set.tasks,
                                     "moe": not args.no_moe,
                                     **({"mi_weight": args.mi_weight} if args.mi_weight is not None else {}),
-                                    **({"drop_path": args.drop_path} if args.drop_path is not None else {})})
+                                    **({"drop_path": args.drop_path} if args.drop_path is not None else {}),
+                                    **({"head_dim": args.head_dim} if args.head_dim is not None else {})})
 except (ValueError, FileNotFoundError) as e:
     fail(e)
 tasks = [name for name, _, _ in cfg.tasks]
@@ -164,6 +181,13 @@ class UncertaintyWeighting(nn.Module):
 
 
 model = ModSquad(cfg).to(args.device)
+if args.init and not args.resume:  # a dense ViT checkpoint into the fresh model, before the optimizer and DDP
+    try:
+        init_report = pretrained.load_dense_checkpoint(model, args.init)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+    if master:
+        print(init_report)
 weighting = UncertaintyWeighting(len(tasks)).to(args.device) if args.loss_weighting == "uncertainty" else None
 fixed_weights = torch.tensor([evaluate.PASCAL_LOSS_WEIGHTS.get(t, 1.0) for t in tasks], device=args.device)
 # AdamW (eps 1e-4, main_mt.py:339); weight decay on >= 2-D weights except pos/cls (timm no_weight_decay); the
@@ -267,13 +291,14 @@ while step < max_steps:
             group["lr"] = get_lr(step)
         images = images.to(args.device)
         targets = {k: v.to(args.device) for k, v in targets.items()}
-        task_losses, routings = [], []
         try:
             with autocast:
-                for t, name in enumerate(tasks):  # one backbone pass per task, same images
-                    pred, routing = model(images, t)
-                    task_losses.append(evaluate.task_loss(name, pred, targets[name], targets.get(f"{name}_mask")))
-                    routings.append(routing)
+                if args.task_loop:  # one backbone call per task, as the official code
+                    preds, routings = map(list, zip(*(model(images, t) for t in range(len(tasks)))))
+                else:  # all tasks in one backbone call on T*B rows: the same computation, taller GEMMs
+                    preds, routings = model(images, list(range(len(tasks))))
+                task_losses = [evaluate.task_loss(name, pred, targets[name], targets.get(f"{name}_mask"))
+                               for name, pred in zip(tasks, preds)]
                 losses = torch.stack(task_losses)  # (T,)
                 # L_MI from the router probabilities of all T passes, summed over MoE layers
                 mi = mi_loss(routings, all_reduce_mean if ddp else None).to(losses.device)

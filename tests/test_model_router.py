@@ -4,17 +4,33 @@ from modsquad import ModSquad, TaskRouter
 
 
 def test_router_selects_top_k_distinct_experts_per_token():
-    """Each token picks exactly K distinct experts; gates are their (not renormalised) softmax probabilities."""
+    """Each token picks exactly K distinct experts; gates are their softmax probabilities + 1e-4 (the official
+    moe.py:465), not renormalised over the chosen experts."""
     torch.manual_seed(0)
     router = TaskRouter(dim=16, num_experts=8, top_k=3, num_tasks=2)
     r = router(torch.randn(50, 16), task=1)
     assert r.topk_idx.shape == (50, 3) and r.gates.shape == (50, 3) and r.probs.shape == (50, 8)
     assert all(len(set(row.tolist())) == 3 for row in r.topk_idx)
-    torch.testing.assert_close(r.gates, r.probs.gather(1, r.topk_idx))
-    torch.testing.assert_close(r.probs.sum(-1), torch.ones(50))
+    assert torch.equal(r.gates, r.probs.gather(1, r.topk_idx) + 1e-4)
+    torch.testing.assert_close(r.probs.sum(-1), torch.ones(50))  # probs (for the MI loss) are a proper softmax
     assert (r.gates.sum(-1) < 1).all()  # not renormalised over the chosen experts
     # the chosen ones are the K largest
-    assert (r.probs.topk(3).values - r.gates).abs().max() == 0
+    assert torch.equal(r.probs.topk(3).values + 1e-4, r.gates)
+
+
+def test_router_computes_in_at_least_float32():
+    """The router runs in float32 for bf16 inputs (and under autocast: bf16 logits flip top-k choices), and in the
+    input's own precision when it is wider: fp64 routing equals an fp64 softmax of x W_t^T."""
+    torch.manual_seed(0)
+    router = TaskRouter(dim=16, num_experts=8, top_k=2, num_tasks=2).double()
+    x = torch.randn(30, 16, dtype=torch.float64)
+    r = router(x, 1)
+    assert r.probs.dtype == r.gates.dtype == torch.float64
+    torch.testing.assert_close(r.probs, (x @ router.w_gate[1].t()).softmax(-1), rtol=1e-14, atol=1e-15)
+    r = router.float()(x.to(torch.bfloat16), 1)
+    assert r.probs.dtype == r.gates.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert router(x.float(), 1).probs.dtype == torch.float32
 
 
 def test_router_depends_on_task():

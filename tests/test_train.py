@@ -80,6 +80,17 @@ def test_resume_is_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_one_call_training_equals_the_per_task_loop(tmp_path):
+    """A few training steps with all tasks in one backbone call reach the parameters of the per-task loop
+    (train.py --task-loop), up to fp32 summation order."""
+    common = ["--steps", "3", "--no-final-eval", "--mi-weight", "1.0", *FAST]
+    run("train.py", "--out-dir", str(tmp_path / "loop"), "--task-loop", *common)
+    run("train.py", "--out-dir", str(tmp_path / "one"), *common)
+    a, b = params(tmp_path / "loop"), params(tmp_path / "one")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
 def test_resume_refuses_a_different_config(tmp_path):
     out = str(tmp_path / "run")
     run("train.py", "--steps", "1", "--out-dir", out, "--no-final-eval", *FAST)
