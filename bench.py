@@ -13,6 +13,8 @@ load; ratios of interleaved repetitions (baseline and candidate take turns; medi
    baseline's; an extracted single-task model against the full model (inference time, parameters, peak memory).
 3. one-call: the training step with all tasks in one backbone call against one call per task, at several batches.
 4. data: synthetic samples generated per second against the images per second the training step consumes.
+5. loader: one loader worker's real-format Taskonomy samples per second (a 512 px tree written from the synthetic
+   scenes, or --loader-root) and the workers that the default, ViT-S and ViT-B training steps need.
 
 On Linux, glibc serves each block over its mmap threshold (at most 32 MB by default) with a fresh mmap, whose pages
 fault in again on first touch; the MoE layers allocate more such temporaries than the dense ones (ViT-S, batch 32).
@@ -21,7 +23,10 @@ To measure without that tax: MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRES
 
 import argparse
 import json
+import math
+import os
 import statistics
+import tempfile
 import time
 from dataclasses import replace
 
@@ -409,13 +414,98 @@ def bench_data(device, samples, images_per_s):
 
 
 # -----------------------------------------------------------------------------
+# 5. Loader: one worker's real-format Taskonomy samples against a training step's appetite
+
+
+def loader_cases(device, quick):
+    """(label, config, batch, repetitions) of the training steps a loader must feed: the default model and the
+    ViT-S / ViT-B presets. CUDA: the recipes' per-GPU batches (ViT-S 14, ViT-B 6), bf16 autocast as train.py;
+    CPU: batch 2 for the presets (a CPU step stands in for the GPU's, so its images/s is no GPU's)."""
+    default = ModSquadConfig()
+    small = ModSquadConfig.from_preset("mtvit_taskgate_att_mlp_small_MI_twice")
+    base = ModSquadConfig.from_preset("mtvit_taskgate_att_mlp_base_MI_twice")
+    if device.type == "cuda":
+        return [("default", default, 32, 10), ("ViT-S", small, 14, 3 if quick else 10),
+                ("ViT-B", base, 6, 3 if quick else 10)]
+    return [("default", default, 8 if quick else 32, 3 if quick else 10), ("ViT-S", small, 2, 1 if quick else 3),
+            ("ViT-B", base, 2, 1 if quick else 2)]
+
+
+def worker_samples_per_s(root, img_size, samples):
+    """Samples per second of one DataLoader worker (one thread, as a worker runs) reading all 13 tasks of the
+    Taskonomy tree at root with the training augmentation (random crop and flip): decode, resize, crop, targets."""
+    buildings = sorted(os.listdir(os.path.join(root, "rgb", "taskonomy")))
+    ds = data.TaskonomyDataset(root, split="train", buildings=buildings, img_size=img_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ds[(0, 0)]
+        t = []
+        for i in range(samples):
+            t0 = time.perf_counter()
+            ds[(i % len(ds), i)]
+            t.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return 1 / statistics.median(t), len(ds)
+
+
+def bench_loader(device, cases, root=None, samples=40, views=4):
+    """Images per second of each case's training step, and the loader workers it needs: step images/s divided by one
+    worker's samples/s, both measured in this run. The tree: root, else a freshly written 512 px tree of `views`
+    synthetic views (its flat-coloured images make PNGs ~6x smaller than real views, so real files decode slower:
+    read a real download with --loader-root)."""
+    source = root or "a freshly written tree"
+    with tempfile.TemporaryDirectory() as tmp:
+        if root is None:
+            import data_trees  # the tree writer; written here, read back like a download
+            root = os.path.join(tmp, "taskonomy")
+            data_trees.write_taskonomy(root, buildings=1, views=views)
+        per_worker = {}
+        for _, cfg, _, _ in cases:
+            if cfg.img_size not in per_worker:
+                per_worker[cfg.img_size] = worker_samples_per_s(root, cfg.img_size, samples)
+    rows, results = [], []
+    for label, cfg, B, reps in cases:
+        torch.manual_seed(0)
+        model = ModSquad(cfg).to(device).train()
+        images, targets = random_batch(cfg, B, device)
+        step, _ = make_step(model, images, targets)
+        if device.type == "cuda":  # as train.py: bf16 autocast (the router stays fp32 inside the model)
+            fp32_step = step
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    fp32_step()
+        step_images_per_s = B / statistics.median(interleaved({"step": step}, reps, device)["step"])
+        worker, n_views = per_worker[cfg.img_size]
+        need = step_images_per_s / worker
+        on = "CUDA step, bf16" if device.type == "cuda" else "CPU step" if label == "default" else \
+            "CPU step (stands in for a GPU's)"
+        rows.append([label, on, B, cfg.img_size, f"{B / step_images_per_s:.3g}", f"{step_images_per_s:.3g}",
+                     f"{worker:.1f}", f"{1000 / worker:.0f}", f"{need:.3g}", math.ceil(need)])
+        results.append(dict(model=label, device=device.type, batch=B, img_size=cfg.img_size,
+                            step_images_per_s=step_images_per_s, worker_samples_per_s=worker, workers_needed=need))
+        del model, step
+    print_table(f"Taskonomy loader: one worker (1 thread, 13 tasks + rgb from 512 px files, train augmentation, "
+                f"{n_views} views of {source}) vs the training step; workers needed = step images/s / worker "
+                f"samples/s",
+                ["model", "step on", "batch", "px", "step s", "step images/s", "worker samples/s", "ms/sample",
+                 "workers needed", "workers (ceil)"], rows)
+    return results
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and smaller batches")
-    p.add_argument("--only", choices=["layers", "model", "one-call", "data"], default=None, help="run one section")
+    p.add_argument("--only", choices=["layers", "model", "one-call", "data", "loader"], default=None,
+                   help="run one section")
+    p.add_argument("--loader-root", default=None, help="loader: a Taskonomy tree to read (default: write a 512 px "
+                   "tree of synthetic views to a temporary folder)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's); 1 on a machine whose cores other jobs also use, where "
@@ -444,6 +534,9 @@ def main(argv=None):
             step, _ = make_step(ModSquad(ModSquadConfig()).to(device).train(), images, targets)
             images_per_s = B / statistics.median(interleaved({"step": step}, reps, device)["step"])
         results["data"] = bench_data(device, 16 if args.quick else 150, images_per_s)
+    if args.only in (None, "loader"):
+        results["loader"] = bench_loader(device, loader_cases(device, args.quick), args.loader_root,
+                                         samples=10 if args.quick else 40)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

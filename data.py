@@ -17,18 +17,24 @@ encoded with green ~0 and a wall facing the camera with blue ~0.
 
     python data.py --show                                # writes docs/synthetic_samples.png (64 px samples)
     python data.py --show --task-set pascal              # writes docs/synthetic_pascal.png
+    python data.py --write-pascal DIR --images 100       # a PASCAL_MT tree of synthetic scenes (data_trees.py)
 """
 import argparse
 import colorsys
 import math
 import os
 import re
+import signal
+import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.io
 import scipy.ndimage
 import torch
+import torch.nn.functional as F
+import torchvision
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 from torch.utils.data import Dataset
@@ -495,7 +501,9 @@ def keypoints3d(buf, scene):
     zmax = np.max(np.stack(neighbour_views(buf["z"]) + [buf["z"]]), 0)
     visible = zmax[row, col] >= z - (0.05 + 0.02 * z)
     pix = pix[visible]
-    sigma = max(0.8, H / 40)
+    # at least 1.5 px: thinner blobs are sub-pixel at 32 px, where an L1-trained model predicts none of them (the
+    # per-pixel median of a sparse map is its background); at 64 px and up the blob scales with the image
+    sigma = max(1.5, H / 40)
     gx = np.exp(-(np.arange(W) - pix[:, :1]) ** 2 / (2 * sigma ** 2))  # (P, W)
     gy = np.exp(-(np.arange(H) - pix[:, 1:]) ** 2 / (2 * sigma ** 2))  # (P, H)
     v = 50000 * np.max(gy[:, :, None] * gx[:, None, :], 0, initial=0.0)
@@ -503,7 +511,16 @@ def keypoints3d(buf, scene):
 
 
 def edge_occlusion(buf, scene):
-    """Occlusion boundaries: the nearer pixel of a depth jump between two surfaces, raw value 512 * jump (m)."""
+    """Occlusion boundaries, blurred as the official loader does (the raw map: occlusion_jumps)."""
+    v = occlusion_jumps(buf)
+    # v / 409.6 * 2 - 1 (no clip), then a gaussian blur of sigma 4 px at the 224-px scale, as the official loader, but
+    # at least 1 px: at 32 px the official scale (0.57 px) leaves 1-px lines that an L1-trained model never predicts
+    return gaussian_filter(v / 409.6 * 2 - 1, max(1.0, 4 * v.shape[0] / 224), mode="nearest")[None], None
+
+
+def occlusion_jumps(buf):
+    """The raw edge_occlusion map, in the 16-bit files' units: 512 * the depth jump (m) at the nearer pixel of a jump
+    between two surfaces, 0 elsewhere (at most 4096)."""
     t, surface, is_object = np.minimum(buf["t"], 128.0), buf["surface"], buf["object"] >= 0
     v = np.zeros_like(t)
     for t_nb, s_nb in zip(neighbour_views(t), neighbour_views(surface)):
@@ -512,8 +529,7 @@ def edge_occlusion(buf, scene):
         # (floor or wall against the sky) is not an occlusion, an object against the sky is
         edge = (s_nb != surface) & (jump > 0.05 * t + 0.02) & ((s_nb >= 0) | is_object)
         v = np.maximum(v, np.where(edge, 512 * np.minimum(jump, 8.0), 0))
-    # v / 409.6 * 2 - 1 (no clip), then a gaussian blur of sigma 4 px at the 224-px scale, as the official loader
-    return gaussian_filter(v / 409.6 * 2 - 1, 4 * t.shape[0] / 224, mode="nearest")[None], None
+    return v
 
 
 def edge_texture(buf, scene):
@@ -615,14 +631,19 @@ class SyntheticScenes(torch.utils.data.Dataset):
     """Procedurally rendered multi-task scenes; sample i of a split is a pure function of (seed, split, i).
 
     task_set "taskonomy" gives the 13 Taskonomy tasks, "pascal" the 5 PASCAL-Context tasks; tasks= selects by name.
+    cache=True keeps every sample in memory once rendered, so later epochs read it instead of rendering it again
+    (identical tensors; about 90 KB a sample at 32 px with the 13 tasks). The cache belongs to the process: with
+    DataLoader workers each worker fills its own, and loses it when the loader ends.
     """
 
-    def __init__(self, split="train", length=2048, task_set="taskonomy", img_size=32, seed=0, tasks=None):
+    def __init__(self, split="train", length=2048, task_set="taskonomy", img_size=32, seed=0, tasks=None,
+                 cache=False):
         assert split in SPLIT_IDS, f"split must be one of {tuple(SPLIT_IDS)}"
         assert task_set in ("taskonomy", "pascal"), "task_set must be 'taskonomy' or 'pascal'"
         available = SYNTHETIC_TASKONOMY_TASKS if task_set == "taskonomy" else SYNTHETIC_PASCAL_TASKS
         self.tasks = select_tasks(available, tasks, f"synthetic ({task_set})")
         self.split, self.length, self.task_set, self.img_size, self.seed = split, length, task_set, img_size, seed
+        self.cache = {} if cache else None  # index -> (image, targets)
 
     def __len__(self):
         return self.length
@@ -633,6 +654,9 @@ class SyntheticScenes(torch.utils.data.Dataset):
         return sample_scene(np.random.default_rng([self.seed, SPLIT_IDS[self.split], i]))
 
     def __getitem__(self, i):
+        i = i[0] if isinstance(i, tuple) else i  # (index, seed) as the real datasets take: a scene has no augmentation
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
         scene = self.scene(i)
         buf = render_scene(scene, self.img_size)
         image = torch.from_numpy(buf["rgb"].transpose(2, 0, 1) * 2 - 1).float()  # (3, H, W) in [-1, 1]
@@ -642,6 +666,8 @@ class SyntheticScenes(torch.utils.data.Dataset):
             targets[name] = torch.from_numpy(value if value.dtype == np.int64 else value.astype(np.float32))
             if mask is not None:
                 targets[name + "_mask"] = torch.from_numpy(mask)
+        if self.cache is not None:
+            self.cache[i] = image, targets
         return image, targets
 
 
@@ -661,16 +687,29 @@ class SyntheticScenes(torch.utils.data.Dataset):
 # PASCAL-Context follows MTL-PyTorch/M3ViT data/pascal_context.py and custom_transforms.py: 21-class semseg, 7-class
 # human parts from the PASCAL-Part 'anno' structs, distilled normals kept on the 170 NYU-compatible classes, saliency
 # > 0.5, edges from the LabelMap (Laplacian != 0, thinned); train = flip, scale 0.75-1.25, resize to 512 (test:
-# resize only). Departures: no +-20 degree rotation, image in [-1, 1] instead of ImageNet mean/std, the normals mask
-# is resized with NEAREST (MTL-PyTorch: "non-zero after a cubic resize", which dilates it by the kernel support).
+# resize only), each step with cv2's interpolation as MTL-PyTorch calls it (image and normals cubic on float, labels
+# nearest; see cv2_resize), the image truncated to 8 bits at the end as its ToTensor does. Departures: no +-20
+# degree rotation, image in [-1, 1] instead of ImageNet mean/std, image values past [0, 255] clipped before the
+# truncation (numpy's astype(uint8) there wraps them: -1 -> 255), the normals mask resized with NEAREST
+# (MTL-PyTorch: "non-zero after a cubic resize", which dilates it by the kernel support). The final evaluation at
+# each image's own size (native_labels=True) is in evaluate.py (evaluate_pascal_native).
 
 # -----------------------------------------------------------------------------
 # Constants of the real datasets
 
 # the official loader always skips these: woodbine is missing from the dataset, wiconisco lacks 80 edge_texture
-# images (util/dataset_taskonomy.py loadSplit). Its medium/fullplus-specific skip lists are not applied: those
-# buildings are simply absent from a download, which allow_missing_buildings=True handles.
+# images (util/dataset_taskonomy.py loadSplit)
 TASKONOMY_SKIP_BUILDINGS = ("woodbine", "wiconisco")
+# ... and, by split file, its `new_list` (fullplus, the paper's runs) and `no_list` (medium), with the exact names of
+# util/dataset_taskonomy.py; a CSV under any other name gets only the two above
+TASKONOMY_SPLIT_SKIPS = {
+    "train_val_test_fullplus.csv": ("ballou", "tansboro", "cutlerville", "macarthur", "rough", "darnestown",
+                                    "maryhill", "bowlus", "tomkins", "herricks", "mosquito", "brinnon", "gough"),
+    "train_val_test_medium.csv": ("brinnon", "cauthron", "cochranton", "donaldson", "german", "castor", "tokeland",
+                                  "andover", "rogue", "athens", "broseley", "tilghmanton", "winooski", "rosser",
+                                  "arkansaw", "bonnie", "willow", "timberon", "bohemia", "micanopy", "thrall",
+                                  "annona", "byers", "anaheim", "duarte", "wyldwood"),
+}
 TASKONOMY_DOWNLOAD = ("pip install omnidata-tools && omnitools.download rgb {domains} --components taskonomy "
                       "--subset tiny --dest {root} --agree --name NAME --email EMAIL")
 TASKONOMY_LAYOUT = "<root>/<domain>/taskonomy/<building>/point_<P>_view_<V>_domain_<domain>.png (.npy for class_*)"
@@ -682,6 +721,7 @@ _CURVATURE_MEAN, _CURVATURE_STD = (123.572, 120.1), (31.922, 21.658)  # official
 # missing depth (sky, holes). The taskbank masks raw >= 64500 ("max - 1000"); I mask exactly the marker, since
 # on the real sample view no value lies between 4617 (9 m) and 65535, and 64500 would cut valid depth past 126 m
 _DEPTH_INVALID = 65535
+_WARNED = set()  # the skipped-buildings warnings printed so far by this process
 
 PASCAL_TASKS = (("semseg", 21, "dense"), ("human_parts", 7, "dense"), ("saliency", 1, "dense"),
                 ("normals", 3, "dense"), ("edge", 1, "dense"))
@@ -724,6 +764,60 @@ def read_image(path, sixteen_bit=False):
     if sixteen_bit and not mode.startswith("I"):
         raise ValueError(f"{path} is a {mode} image, expected a 16-bit single-channel PNG")
     return arr
+
+
+def read_png(path, sixteen_bit=False):
+    """Decode a PNG with libpng (torchvision.io, ~10 % faster than PIL) into a (C, H, W) tensor: uint16 for a 16-bit
+    single-channel file (sixteen_bit=True, anything else refused; int32 under torchvision < 0.21), uint8 otherwise;
+    palette files give their indices, as PIL does. Names the file if it is missing, truncated or corrupt."""
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for torchcodec); they still work
+            warnings.simplefilter("ignore", DeprecationWarning)
+            t = torchvision.io.decode_png(torchvision.io.read_file(path), torchvision.io.ImageReadMode.UNCHANGED)
+    except RuntimeError as e:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"missing file {path}; re-download it") from None
+        reason = str(e).split(", ")[-1]  # drop libpng's source location
+        raise ValueError(f"cannot decode {path} ({reason}): the file is truncated or corrupt; re-download it") from e
+    sixteen = t.dtype != torch.uint8  # uint16 (torchvision < 0.21: int32)
+    if sixteen_bit != sixteen or (sixteen_bit and t.shape[0] != 1):
+        # an 8-bit file read as 16-bit would decode 256x too small, and the converse 256x too large
+        raise ValueError(f"{path} is a {t.shape[0]}-channel {16 if sixteen else 8}-bit PNG, expected "
+                         f"{'a 16-bit single-channel' if sixteen_bit else 'an 8-bit'} PNG; re-download it")
+    return t
+
+
+def resize_crop(t, size, top, left, crop, dtype=None):
+    """v2.functional.resize(t, [size, size], BILINEAR, antialias=True)[:, top:top + crop, left:left + crop] of a
+    (C, H, W) tensor, computed in `dtype` (None: t's own; uint8 resizes with torch's integer kernel, as v2 does).
+    Where H and W are integer multiples of size (the real 512 -> 256), only the input window the crop needs is
+    resized: with one more output row and column on each side (dropped), every kept output has the same taps and
+    weights as in the full resize, so the values are identical, for ~78 % of the work."""
+    H, W = t.shape[1:]
+    cast = (lambda x: x) if dtype is None else (lambda x: x.to(dtype))  # noqa: E731
+    if (H, W) == (size, size):  # v2 returns an image of the requested size as it is
+        return cast(t[:, top:top + crop, left:left + crop])
+    if t.dtype == torch.uint16 and dtype == torch.float32 and (H, W) == (2 * size, 2 * size) and \
+            min(top, left) >= 1 and max(top, left) + crop <= size - 1:
+        # the real case, 512 -> 256, away from the border: each output is (a + 3b + 3c + d) / 8 of its 4 input rows,
+        # then of its 4 columns (torch's weights there are exactly 1/8, 3/8, 3/8, 1/8). On integers below 2^16 every
+        # partial sum is an integer below 2^24, exact in float32 in any order: the same values, at a third the cost
+        x = t[:, 2 * top - 1:2 * (top + crop) + 1, 2 * left - 1:2 * (left + crop) + 1].to(dtype)  # (C, 2S+2, 2S+2)
+        # rows first (adding whole rows is the fast direction), then columns
+        x = (x[:, 0:2 * crop:2] + x[:, 3:2 * crop + 3:2]).add_(x[:, 1:2 * crop + 1:2] + x[:, 2:2 * crop + 2:2],
+                                                               alpha=3)  # (C, S, 2S+2): 8x the column means
+        x = (x[:, :, 0:2 * crop:2] + x[:, :, 3:2 * crop + 3:2]).add_(
+            x[:, :, 1:2 * crop + 1:2] + x[:, :, 2:2 * crop + 2:2], alpha=3)  # (C, S, S): 64x the means
+        return x.div_(64)
+    r0, r1, c0, c1 = 0, size, 0, size  # the output rows and columns to compute, and the input they need
+    window = t
+    if H % size == 0 and W % size == 0:
+        r0, r1, c0, c1 = max(top - 1, 0), min(top + crop + 1, size), max(left - 1, 0), min(left + crop + 1, size)
+        kh, kw = H // size, W // size
+        window = t[:, kh * r0:kh * r1, kw * c0:kw * c1]
+    out = torch.nn.functional.interpolate(cast(window)[None], [r1 - r0, c1 - c0], mode="bilinear",
+                                          align_corners=False, antialias=True)[0]
+    return out[:, top - r0:top - r0 + crop, left - c0:left - c0 + crop]
 
 
 def _thin_luts():
@@ -820,10 +914,15 @@ class TaskonomyDataset(Dataset):
     split: "train" | "val" | "test" | "trainval" (the official Mod-Squad training set), used with `split_csv`;
     buildings: an explicit list instead of a CSV; augment: random crop + flip (default: on for train/trainval);
     class_softmax: softmax the class_* vectors (the taskbank treats them as logits; Mod-Squad uses them raw).
+    Buildings absent from root, or present in only some of the needed domains (as in any partial download), are
+    skipped with one warning line; require_all_buildings=True makes that an error instead.
+
+    dataset[i] draws its crop and flip from torch's global RNG; dataset[(i, seed)] from a generator seeded with
+    `seed`, so that sample's augmentation is the same whichever worker or process loads it.
     """
 
     def __init__(self, root, split="train", tasks=None, buildings=None, split_csv=None, img_size=224, augment=None,
-                 normalisation="official", allow_missing_buildings=False, class_softmax=False):
+                 normalisation="official", require_all_buildings=False, class_softmax=False):
         if split not in ("train", "val", "test", "trainval"):
             raise ValueError(f"split must be 'train', 'val', 'test' or 'trainval', got {split!r}")
         if normalisation != "official":
@@ -843,18 +942,36 @@ class TaskonomyDataset(Dataset):
         if (buildings is None) == (split_csv is None):
             raise ValueError("pass exactly one of buildings=[...] or split_csv=<train_val_test_*.csv> "
                              "(from StanfordVL/taskonomy data/assets/splits_taskonomy.zip)")
+        skip = TASKONOMY_SKIP_BUILDINGS
         if buildings is None:
             buildings = read_split_csv(split_csv, split)
-        buildings = [b for b in buildings if b not in TASKONOMY_SKIP_BUILDINGS]
-        absent = {b: [d for d in domains if not os.path.isdir(os.path.join(root, d, "taskonomy", b))]
-                  for b in buildings}
-        absent = {b: ds for b, ds in absent.items() if ds}
-        if absent and not allow_missing_buildings:
-            raise FileNotFoundError(f"buildings absent under {root} (building: domains lacking it): {absent}; "
-                                    f"download them with: {download}, or pass allow_missing_buildings=True")
-        buildings = [b for b in buildings if b not in absent]
+            skip += TASKONOMY_SPLIT_SKIPS.get(os.path.basename(split_csv), ())
+        buildings = [b for b in buildings if b not in skip]
+        # a partial download: buildings absent from every domain, or present in some only (one tar per domain)
+        present = {d: _listdir(os.path.join(root, d, "taskonomy")) for d in domains}
+        lacking = {b: [d for d in domains if b not in present[d]] for b in buildings}
+        absent = [b for b in buildings if len(lacking[b]) == len(domains)]
+        partial = [b for b in buildings if 0 < len(lacking[b]) < len(domains)]
+        if absent or partial:
+            where = f"the {split} split of {split_csv}" if split_csv is not None else "the buildings asked for"
+            kinds = [f"{len(absent)} absent (e.g. {', '.join(absent[:3])})"] if absent else []
+            kinds += [f"{len(partial)} in only some of the {len(domains)} domains (e.g. {partial[0]} lacks "
+                      f"{', '.join(lacking[partial[0]][:3])})"] if partial else []
+            found = (f"{len(absent) + len(partial)} of the {len(buildings)} buildings of {where} are incomplete under "
+                     f"{root}: {' and '.join(kinds)}")
+            if require_all_buildings:
+                raise FileNotFoundError(f"{found}; download them with: {download}, or leave out "
+                                        f"--require-all-buildings (require_all_buildings=True) to skip them")
+            warning = (f"warning: {found}; skipping them, reading the other "
+                       f"{len(buildings) - len(absent) - len(partial)} (--require-all-buildings, "
+                       f"require_all_buildings=True, stops instead)")
+            if os.environ.get("RANK", "0") == "0" and warning not in _WARNED:  # once per run, not per rank or reload
+                _WARNED.add(warning)
+                print(warning, file=sys.stderr)
+        buildings = [b for b in buildings if not lacking[b]]
         if not buildings:
-            raise FileNotFoundError(f"no buildings left to read under {root}; expected layout {TASKONOMY_LAYOUT}")
+            raise FileNotFoundError(f"no building has all of {', '.join(domains)} under {root}; expected layout "
+                                    f"{TASKONOMY_LAYOUT}; download with: {download}")
 
         # index the views from rgb, then require the same (point, view) in every domain: a join, not sorted order
         rgb_re = re.compile(r"point_(\d+)_view_(\d+)_domain_rgb\.png$")
@@ -872,10 +989,11 @@ class TaskonomyDataset(Dataset):
         if not self.views:
             raise FileNotFoundError(f"no rgb views under {root} for buildings {buildings}; expected {TASKONOMY_LAYOUT}")
 
-        # official geometry: resize 256 (bilinear), crop 224; masks and segment ids are Masks, hence NEAREST
-        resize = round(img_size * 256 / 224)
-        crop = v2.RandomCrop(img_size) if self.augment else v2.CenterCrop(img_size)
-        self.geometry = v2.Compose([v2.Resize((resize, resize), v2.InterpolationMode.BILINEAR, antialias=True), crop])
+        # official geometry: resize to 256 (bilinear, antialiased), crop 224; label maps and masks resize NEAREST
+        self.resize = round(img_size * 256 / 224)
+        self._nearest = {}  # (H, W) -> the NEAREST resize's source rows and columns (_nearest_source)
+        self._curvature_mean = torch.tensor(_CURVATURE_MEAN)[:, None, None]
+        self._curvature_std = torch.tensor(_CURVATURE_STD)[:, None, None]
 
     def _path(self, building, point, view, domain):
         ext = ".npy" if domain.startswith("class_") else ".png"
@@ -895,84 +1013,189 @@ class TaskonomyDataset(Dataset):
         vec = torch.from_numpy(vec)
         return vec.softmax(0) if self.class_softmax else vec
 
+    def _crop_flip(self, generator=None):
+        """(top, left, flip) of one sample: the centred crop, or in augment mode v2.RandomCrop's two draws (top, then
+        left) and a flip with p = 0.5, from `generator` (None: torch's global RNG)."""
+        R, S = self.resize, self.img_size
+        if not self.augment:
+            return round((R - S) / 2), round((R - S) / 2), False  # as v2.CenterCrop
+        top, left = (int(torch.randint(0, R - S + 1, (), generator=generator)) if R > S else 0 for _ in "tl")
+        return top, left, bool(torch.rand((), generator=generator) < 0.5)
+
     def __getitem__(self, index):
+        index, generator = (index[0], torch.Generator().manual_seed(index[1])) if isinstance(index, tuple) else \
+            (index, None)
         b, p, v = self.views[index]
         paths = {d: self._path(b, p, v, d) for d in ["rgb"] + [n for n, _, _ in self.tasks]}
         targets = {n: self._load_class(paths[n], c) for n, c, kind in self.tasks if kind == "image"}
+        top, left, flip = self._crop_flip(generator)
+        R, S = self.resize, self.img_size
 
-        # raw values at native resolution, wrapped as tv_tensors so that v2 moves all of them with one random draw
-        rgb = read_image(paths["rgb"])
-        x = {"rgb": tv_tensors.Image(torch.from_numpy(rgb[..., :3].copy()).permute(2, 0, 1))}
+        def resize(t, dtype=None):
+            """(C, H, W) at native resolution -> (C, S, S): bilinear antialiased resize, crop, flip. 8-bit maps are
+            resized as uint8 (torch's integer kernel, as v2 does), 16-bit ones as float32."""
+            t = resize_crop(t, R, top, left, S, dtype)
+            return t.flip(-1) if flip else t
+
+        rgb = read_png(paths["rgb"])[:3]  # (3, H, W) uint8
+        image = resize(rgb).float().div_(255).mul_(2).sub_(1)  # u / 255 * 2 - 1
+        # NEAREST resize, crop and flip are one selection of source rows and columns (a strided view where the
+        # resize takes every k-th pixel, as 512 -> 256 does), so masks computed on the selected pixels are the
+        # selected masks
+        (rows, row_step), (cols, col_step) = self._nearest_source(*rgb.shape[1:])
+
+        def nearest(t):
+            r, c = int(rows[top]), int(cols[left])
+            t = t[:, r:r + row_step * S:row_step] if row_step else t.index_select(1, rows[top:top + S])
+            t = t[:, :, c:c + col_step * S:col_step] if col_step else t.index_select(2, cols[left:left + S])
+            return t.flip(-1) if flip else t
+
+        masks = {}
         for n in [n for n, _, kind in self.tasks if kind == "dense"]:
-            arr = _check_size(read_image(paths[n], sixteen_bit=n in _16BIT), rgb.shape[:2], paths[n])
-            # 16-bit to float32 before any arithmetic: log(1 + v) on uint16 wraps 65535 to log(0) = -inf
-            t = torch.from_numpy(arr.astype(np.float32) if n in _16BIT else arr.copy())
-            t = t.permute(2, 0, 1) if t.ndim == 3 else t[None]  # (C, H, W)
-            if n == "principal_curvature":
-                t = t[:2]  # curvatures live in channels 0-1
-            elif n == "reshading" and t.shape[0] == 1:
-                t = t.repeat(3, 1, 1)
-            elif n.startswith("segment_unsup"):
-                t = t[:1]  # superpixel ids: a single 8-bit channel
-            x[n] = tv_tensors.Mask(t) if n.startswith("segment_unsup") else tv_tensors.Image(t)
+            raw = read_png(paths[n], sixteen_bit=n in _16BIT)
+            if raw.shape[1:] != rgb.shape[1:]:
+                raise ValueError(f"{paths[n]} is {raw.shape[2]}x{raw.shape[1]} but its image is "
+                                 f"{rgb.shape[2]}x{rgb.shape[1]}; re-download it")
             if n.startswith("depth"):
-                x[n + "_mask"] = tv_tensors.Mask(torch.from_numpy(arr != _DEPTH_INVALID)[None].to(torch.uint8))
+                masks[n + "_mask"] = nearest(raw) != _DEPTH_INVALID
             if n == "normal":
-                # "no normal" colour (sky, holes): every channel 127 or 128; on the sample it is exactly (128,128,128)
-                x[n + "_mask"] = tv_tensors.Mask(torch.from_numpy(~((arr >= 127) & (arr <= 128)).all(-1))[None]
-                                                 .to(torch.uint8))
-        x = {k: t.as_subclass(torch.Tensor) for k, t in self.geometry(x).items()}
-        flip = self.augment and torch.rand(()) < 0.5
-        if flip:
-            x = {k: t.flip(-1) for k, t in x.items()}
-
-        for n, _, kind in self.tasks:
-            if kind == "dense":
-                targets[n] = self._decode(n, x[n].float())
+                # "no normal" colour (sky, holes): every channel 127 or 128 (uint8 u - 127 wraps below 127, so
+                # 127 <= u <= 128 is u - 127 <= 1); on the real sample it is exactly (128, 128, 128)
+                w = nearest(raw[:3]) - 127
+                masks[n + "_mask"] = ~((w[0] <= 1) & (w[1] <= 1) & (w[2] <= 1))[None]
+            if n in _16BIT:
+                t = resize(raw, torch.float32)  # float32 before any arithmetic: log(1 + v) on uint16 wraps at 65535
+            elif n.startswith("segment_unsup"):
+                t = nearest(raw[:1])  # superpixel ids: one 8-bit channel
+            elif n == "principal_curvature":
+                t = resize(raw[:3])[:2]  # curvatures in channels 0-1 (a 3-channel uint8 resize is the fast path)
+            else:  # normal, reshading (a 1-channel file is repeated to 3)
+                t = resize(raw.expand(3, -1, -1) if raw.shape[0] == 1 else raw[:3])
+            targets[n] = self._decode(n, t.float())
         if flip and "normal" in targets:
             # deliberate deviation: mirroring the image mirrors the scene, so the normals' x component changes sign
             targets["normal"][0] = -targets["normal"][0]
-        for k in x:
-            if k.endswith("_mask"):
-                targets[k] = x[k].bool()
+        targets.update(masks)
         for n in ("depth_euclidean", "depth_zbuffer"):
             if n in targets:
-                targets[n][~targets[n + "_mask"]] = 1.0  # the encoding of 65535, whatever bilinear mixed in
-        image = x["rgb"].float() / 255 * 2 - 1
+                # 1.0 is the encoding of 65535, whatever bilinear mixed in
+                targets[n].masked_fill_(~targets[n + "_mask"], 1.0)
         return image, targets
 
+    def _nearest_source(self, H, W):
+        """Per axis (rows, then columns): the source index that v2's NEAREST resize to R x R takes for each output,
+        read off that kernel itself on an index ramp, and its step k if those are 0, k, 2k, ... (else None);
+        cached per native size."""
+        if (H, W) not in self._nearest:
+            out = []
+            for n in (H, W):
+                ramp = torch.arange(n, dtype=torch.float32).view(1, n, 1)  # exact below 2^24
+                index = v2.functional.resize(ramp, [self.resize, 1], v2.InterpolationMode.NEAREST)[0, :, 0].long()
+                step = int(index[1] - index[0]) if len(index) > 1 else 1
+                uniform = step >= 1 and torch.equal(index, index[0] + step * torch.arange(len(index)))
+                out.append((index, step if uniform else None))
+            self._nearest[H, W] = tuple(out)
+        return self._nearest[H, W]
+
     def _decode(self, name, v):
-        """Official normalisation of a raw (C, H, W) float map, applied after the resize/crop/flip as upstream."""
+        """Official normalisation of a raw (C, H, W) float map that the caller owns (changed in place: the same
+        operations as rescale() and the official code, without a new tensor per step), after the resize/crop/flip."""
         if name.startswith("depth"):
             # depth in 1/512 m: log(1 + v) / log(2^16), in [0, 1]
-            return torch.log1p(v) / math.log(2**16)
+            return v.log1p_().div_(math.log(2**16))
         if name == "principal_curvature":
-            mean, std = torch.tensor(_CURVATURE_MEAN)[:, None, None], torch.tensor(_CURVATURE_STD)[:, None, None]
-            return (v - mean) / std
-        if name in _RESCALE:
-            lo, hi, clip = _RESCALE[name]
-            v = rescale(v, lo, hi, clip)
-            if name == "edge_occlusion":
-                # official gaussian_filter(sigma=4) on the 224 crop, unclipped; sigma scales with the crop size
-                sigma = 4 * self.img_size / 224
-                v = torch.from_numpy(scipy.ndimage.gaussian_filter(v[0].numpy(), sigma=sigma))[None]
-            return v
-        return rescale(v, 0.0, 255.0)  # normal, reshading, segment_unsup*: u / 255 * 2 - 1
+            return v.sub_(self._curvature_mean).div_(self._curvature_std)
+        lo, hi, clip = _RESCALE.get(name, (0.0, 255.0, True))  # normal, reshading, segment_unsup*: u / 255 * 2 - 1
+        # rescale(): (clip(v, lo, hi) - lo) / (hi - lo) * 2 - 1
+        v = (v.clamp_(lo, hi) if clip else v).sub_(lo).div_(hi - lo).mul_(2).sub_(1)
+        if name == "edge_occlusion":
+            # official gaussian_filter(sigma=4) on the 224 crop, unclipped; sigma scales with the crop size
+            v = torch.from_numpy(scipy.ndimage.gaussian_filter(v[0].numpy(), sigma=4 * self.img_size / 224))[None]
+        return v
 
 # -----------------------------------------------------------------------------
 # PASCAL-Context
 
 
+def _cv2_axis(n_out, n_in, interpolation):
+    """cv2.resize's taps along one axis, as resize.cpp computes them: source position fx = (float)((dx + 0.5) *
+    n_in / n_out - 0.5) (scale in double), sx = floor(fx), t = fx - sx in float32; linear: taps sx, sx + 1 with
+    (1 - t, t); cubic: sx - 1 .. sx + 2 with Keys' weights, a = -0.75 (interpolateCubic, the last as 1 - the others).
+    Returns (K, n_out) int64 taps clamped to [0, n_in) (border replicated) and (K, n_out) float32 weights."""
+    fx = ((np.arange(n_out) + 0.5) * (1 / (n_out / n_in)) - 0.5).astype(np.float32)
+    sx = np.floor(fx)
+    t = fx - sx
+    if interpolation == "linear":
+        taps, weights = sx + np.arange(2)[:, None], np.stack([1 - t, t])
+    else:
+        A = np.float32(-0.75)
+        c0 = ((A * (t + 1) - 5 * A) * (t + 1) + 8 * A) * (t + 1) - 4 * A
+        c1 = ((A + 2) * t - (A + 3)) * t * t + 1
+        c2 = ((A + 2) * (1 - t) - (A + 3)) * (1 - t) * (1 - t) + 1
+        taps, weights = sx + np.arange(-1, 3)[:, None], np.stack([c0, c1, c2, 1 - c0 - c1 - c2])
+    return torch.from_numpy(np.clip(taps, 0, n_in - 1).astype(np.int64)), torch.from_numpy(weights)
+
+
+def cv2_resize(x, size, interpolation):
+    """cv2.resize of a (C, H, W) tensor to size (h, w), as MTL-PyTorch calls it: no antialiasing, pixel centres at
+    half-integers, border replicated. "cubic" and "linear" compute in float32, rows first (resize.cpp's HResize, then
+    VResize); "nearest" keeps the dtype and takes source pixel floor(dx / (w / W)), in cv2's float64 arithmetic.
+    (torch's bicubic has the same kernel and convention, but it computes the source positions in float32, which
+    moves a 512 -> 375 bilinear resize by up to 0.013 levels of 255.)"""
+    H, W = x.shape[-2:]
+    h, w = size
+    if (h, w) == (H, W):
+        return x  # cv2.resize copies when the size does not change
+    if interpolation == "nearest":
+        rows = np.minimum(np.floor(np.arange(h) * (1 / (h / H))), H - 1).astype(np.int64)
+        cols = np.minimum(np.floor(np.arange(w) * (1 / (w / W))), W - 1).astype(np.int64)
+        return x[..., torch.from_numpy(rows)[:, None], torch.from_numpy(cols)]
+    if interpolation == "linear" and (H, W) == (2 * h, 2 * w):
+        return F.avg_pool2d(x[None].float(), 2)[0]  # cv2 switches INTER_LINEAR to INTER_AREA for an exact 2x shrink
+    (rows, row_w), (cols, col_w) = _cv2_axis(h, H, interpolation), _cv2_axis(w, W, interpolation)
+    # Σ_k w_k x[tap_k], tap by tap in cv2's order: along the rows, then down the columns; each pass picks whole rows
+    # of the transposed map (index_select copies rows; a gather along the last dim was ~10x slower)
+    x = x.float().transpose(-1, -2).contiguous()  # (C, W, H)
+    x = sum(x.index_select(-2, tap) * weight[:, None] for tap, weight in zip(cols, col_w))  # (C, w, H)
+    x = x.transpose(-1, -2).contiguous()  # (C, H, w)
+    return sum(x.index_select(-2, tap) * weight[:, None] for tap, weight in zip(rows, row_w))  # (C, h, w)
+
+
+def cv2_zoom(x, scale, interpolation):
+    """cv2.warpAffine(x, cv2.getRotationMatrix2D((W/2, H/2), 0, scale), (W, H)) of a (C, H, W) tensor, zeros outside
+    (cv2's default border): MTL-PyTorch's ScaleNRotate without its rotation. "cubic" or "nearest" (keeps the dtype).
+    cv2 quantises the sub-pixel source position to 1/32 px, this does not."""
+    C, H, W = x.shape
+    # source = (dst - c) / s + c with c = (W/2, H/2) in pixel units; in grid_sample's [-1, 1] (align_corners=False)
+    # coordinates that is u / s + (1 - 1/s) / W
+    theta = torch.tensor([[[1 / scale, 0, (1 - 1 / scale) / W], [0, 1 / scale, (1 - 1 / scale) / H]]])
+    grid = F.affine_grid(theta, [1, C, H, W], align_corners=False)
+    mode = {"cubic": "bicubic", "nearest": "nearest"}[interpolation]
+    out = F.grid_sample(x[None].float(), grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
+    return out if interpolation == "cubic" else out.to(x.dtype)
+
+
+def collate_native(batch):
+    """DataLoader collate_fn for PascalContextDataset(native_labels=True): images and targets stacked as usual, the
+    native-size labels (a different size per image) kept as a list of dicts."""
+    images, targets = torch.utils.data.default_collate([b[:2] for b in batch])
+    return images, targets, [b[2] for b in batch]
+
+
 class PascalContextDataset(Dataset):
     """PASCAL-Context multi-task (PASCAL_MT) as (image, targets); see the section docstring for decisions.
 
+    dataset[index] draws the training augmentation (flip, scale) from torch's global RNG; dataset[(index, seed)]
+    draws it from a generator seeded with seed, so a sample is the same in any worker or process.
     normals_valid_classes: LabelMap ids whose distilled normals count as valid (default: MTL-PyTorch's 170).
+    native_labels: also return, third, the untouched labels at the image's own size (see native_targets), for the
+    final evaluation at native size; batch such samples with collate_fn=collate_native.
     """
 
     def __init__(self, root, split="train", tasks=None, img_size=512, augment=None,
-                 normals_valid_classes=NYU_NORMAL_CLASSES):
+                 normals_valid_classes=NYU_NORMAL_CLASSES, native_labels=False):
         self.tasks = select_tasks(PASCAL_TASKS, tasks, "PASCAL-Context")
-        self.root, self.img_size = root, img_size
+        self.root, self.img_size, self.native_labels = root, img_size, native_labels
         self.augment = split == "train" if augment is None else augment
         self.normals_valid_classes = np.array(sorted(normals_valid_classes))
         fix = (f"download {PASCAL_MT_URL} and extract it (tar xzf PASCAL_MT.tgz) so that root is the PASCAL_MT "
@@ -1007,35 +1230,35 @@ class PascalContextDataset(Dataset):
             # semseg/VOC12 is preferred when present, as in MTL-PyTorch _get_semseg_fname
             self.semseg_dir = {i: "VOC12" if i + ".png" in voc else "pascal-context" for i in self.ids}
 
-        # MTL-PyTorch order: flip (done by hand, to negate normals x), scale about the centre, resize to a square.
-        # Padding from a zoom-out is 0 for every map, as cv2.warpAffine gives there (semseg: background).
-        resize = v2.Resize((img_size, img_size), v2.InterpolationMode.BICUBIC, antialias=True)
-        scale = v2.RandomAffine(degrees=0, scale=(0.75, 1.25), interpolation=v2.InterpolationMode.BILINEAR, fill=0)
-        self.geometry = v2.Compose([scale, resize] if self.augment else [resize])
-
     def __len__(self):
         return len(self.ids)
 
-    def __getitem__(self, index):
+    def native_targets(self, index):
+        """The labels of sample `index` at the image's own size, decoded but neither resized nor augmented, as
+        MTL-PyTorch's final evaluation reads them: a dict with "id", "size" (H, W), "image" (3, H, W) uint8, and per
+        task semseg (H, W) int64, human_parts (H, W) int64 (all 255 without an annotated person), saliency (1, H, W)
+        float {0, 1}, normals (3, H, W) float (zero off the NYU-compatible classes) with normals_mask (1, H, W) bool,
+        edge (1, H, W) float {0, 1}."""
         i, names = self.ids[index], [n for n, _, _ in self.tasks]
-        image_path = os.path.join(self.root, "JPEGImages", i + ".jpg")
-        image = read_image(image_path)
+        path = os.path.join(self.root, "JPEGImages", i + ".jpg")
+        image = read_image(path)
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, -1)  # a few VOC JPEGs are greyscale
         hw = image.shape[:2]
-        x = {"image": tv_tensors.Image(torch.from_numpy(image[..., :3].copy()).permute(2, 0, 1))}
-        masks = {}  # label-like maps, resized with NEAREST
+        out = {"id": i, "size": hw, "image": torch.from_numpy(image[..., :3].copy()).permute(2, 0, 1)}
         if "semseg" in names:
             path = os.path.join(self.root, "semseg", self.semseg_dir[i], i + ".png")
-            masks["semseg"] = _check_size(read_image(path), hw, path)  # palette indices 0..20, 255: no convert()
+            # palette indices 0..20, 255: read without convert()
+            out["semseg"] = torch.from_numpy(_check_size(read_image(path), hw, path).astype(np.int64))
         if "human_parts" in names:
             path = os.path.join(self.root, "human_parts", i + ".mat")
             parts = human_parts_from_mat(path)
-            masks["human_parts"] = np.zeros(hw, np.uint8) if parts is None else _check_size(parts, hw, path)
+            parts = np.full(hw, 255) if parts is None else _check_size(parts, hw, path)
+            out["human_parts"] = torch.from_numpy(parts)
         if "saliency" in names:
             path = os.path.join(self.root, "sal_distill", i + ".png")
             sal = _check_size(read_image(path), hw, path)
-            masks["saliency"] = (sal if sal.ndim == 2 else sal[..., 0]) / 255 > 0.5
+            out["saliency"] = torch.from_numpy((sal if sal.ndim == 2 else sal[..., 0]) / 255 > 0.5)[None].float()
         if {"normals", "edge"} & set(names):
             path = os.path.join(self.root, "pascal-context", "trainval", i + ".mat")
             try:
@@ -1046,19 +1269,37 @@ class PascalContextDataset(Dataset):
             path = os.path.join(self.root, "normals_distill", i + ".png")
             normals = _check_size(read_image(path), hw, path)[..., :3].astype(np.float32) * 2 / 255 - 1
             valid = np.isin(label_map, self.normals_valid_classes)
-            x["normals"] = tv_tensors.Image(torch.from_numpy(normals * valid[..., None]).permute(2, 0, 1))
-            masks["normals_mask"] = valid
+            out["normals"] = torch.from_numpy(normals * valid[..., None]).permute(2, 0, 1)
+            out["normals_mask"] = torch.from_numpy(valid)[None]
         if "edge" in names:
-            masks["edge"] = label_edges(label_map)
-        x.update({k: tv_tensors.Mask(torch.from_numpy(a.astype(np.uint8))[None]) for k, a in masks.items()})
+            out["edge"] = torch.from_numpy(label_edges(label_map))[None].float()
+        return out
 
-        x = {k: t.as_subclass(torch.Tensor) for k, t in self.geometry(x).items()}
-        # MTL-PyTorch flips before scaling; both the centred scale and the resize are mirror-symmetric, so
-        # flipping afterwards draws the same distribution
-        if self.augment and torch.rand(()) < 0.5:
-            x = {k: t.flip(-1) for k, t in x.items()}
-            if "normals" in x:
-                x["normals"][0] = -x["normals"][0]  # as MTL-PyTorch RandomHorizontalFlip
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        names = [n for n, _, _ in self.tasks]
+        native = self.native_targets(index)
+        # MTL-PyTorch resizes the image as float: (3, H, W) in [0, 255]; label-like maps stay uint8 (nearest)
+        x = {"image": native["image"].float()}
+        x.update({k: native[k].to(torch.uint8).view(1, *native["size"]) for k in
+                  ("semseg", "human_parts", "saliency", "edge", "normals_mask") if k in native})
+        if "normals" in names:
+            x["normals"] = native["normals"]
+        cubic = ("image", "normals")  # cv2.INTER_CUBIC in MTL-PyTorch's FLAGVALS; every other map INTER_NEAREST
+
+        # MTL-PyTorch order: RandomHorizontalFlip, ScaleNRotate (scale 0.75-1.25 about the centre; zero padding from
+        # a zoom-out is background for semseg, as cv2.warpAffine gives), FixedResize to a square
+        if self.augment:
+            g = None if seed is None else torch.Generator().manual_seed(seed)
+            flip = bool(torch.rand((), generator=g) < 0.5)
+            scale = 0.75 + 0.5 * float(torch.rand((), generator=g))
+            if flip:
+                x = {k: t.flip(-1) for k, t in x.items()}
+                if "normals" in x:
+                    x["normals"][0] = -x["normals"][0]  # as MTL-PyTorch RandomHorizontalFlip
+            x = {k: cv2_zoom(t, scale, "cubic" if k in cubic else "nearest") for k, t in x.items()}
+        size = (self.img_size, self.img_size)
+        x = {k: cv2_resize(t, size, "cubic" if k in cubic else "nearest") for k, t in x.items()}
 
         targets = {}
         if "semseg" in names:
@@ -1076,9 +1317,9 @@ class PascalContextDataset(Dataset):
             targets["normals_mask"] = mask
         if "edge" in names:
             targets["edge"] = x["edge"].float()
-        image = x["image"].float() / 255 * 2 - 1
-        return image, targets
-
+        # ToTensor's astype(np.uint8) truncates; values past [0, 255] (cubic overshoot) are clipped first
+        image = x["image"].clamp(0, 255).floor() / 255 * 2 - 1
+        return (image, targets, native) if self.native_labels else (image, targets)
 
 # -----------------------------------------------------------------------------
 # Datasets by name
@@ -1089,14 +1330,16 @@ DATASET_TASKS = {"synthetic": SYNTHETIC_TASKONOMY_TASKS, "synthetic-pascal": SYN
 
 
 def build_dataset(name, split, root=None, tasks=None, img_size=None, length=None, seed=0, augment=False,
-                  split_csv=None):
+                  split_csv=None, require_all_buildings=False, cache=False):
     """A dataset by name: "synthetic" (13 Taskonomy tasks) or "synthetic-pascal" (5 PASCAL-Context tasks), embedded;
     or the real "taskonomy" (omnitools layout under root; buildings from split_csv, default
-    <root>/splits_taskonomy/train_val_test_fullplus.csv as the paper's runs) or "pascal" (PASCAL_MT under root).
-    augment (random crop/scale and flip) applies to the real training splits: every synthetic sample is a new scene."""
+    <root>/splits_taskonomy/train_val_test_fullplus.csv as the paper's runs; incomplete buildings are skipped with a
+    warning unless require_all_buildings) or "pascal" (PASCAL_MT under root).
+    augment (random crop/scale and flip) applies to the real training splits: every synthetic sample is a new scene.
+    cache keeps the synthetic samples in memory once rendered (SyntheticScenes)."""
     if name in ("synthetic", "synthetic-pascal"):
         return SyntheticScenes(split, length or (2048 if split == "train" else 256),
-                               "taskonomy" if name == "synthetic" else "pascal", img_size or 32, seed, tasks)
+                               "taskonomy" if name == "synthetic" else "pascal", img_size or 32, seed, tasks, cache)
     if name not in DATASET_TASKS:
         raise ValueError(f"unknown dataset '{name}'; valid: {', '.join(DATASET_TASKS)}")
     if root is None:
@@ -1107,10 +1350,71 @@ def build_dataset(name, split, root=None, tasks=None, img_size=None, length=None
             return TaskonomyDataset(root, split, tasks, split_csv=split_csv)
         if not os.path.isfile(split_csv):
             raise FileNotFoundError(f"no split file {split_csv}: unzip data/assets/splits_taskonomy.zip of "
-                                    "StanfordVL/taskonomy into <root>/splits_taskonomy, or pass --split-csv")
+                                    "StanfordVL/taskonomy into <root>/splits_taskonomy, or pass --split-csv FILE")
         return TaskonomyDataset(root, split, tasks, split_csv=split_csv, img_size=img_size or 224,
-                                augment=augment and split in ("train", "trainval"))
+                                augment=augment and split in ("train", "trainval"),
+                                require_all_buildings=require_all_buildings)
     return PascalContextDataset(root, split, tasks, img_size=img_size or 512, augment=augment and split == "train")
+
+
+# -----------------------------------------------------------------------------
+# Feeding a training run: the order of its samples, its loader workers
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """A DataLoader batch_sampler: this rank's micro-batches of one epoch, as lists of (index, seed).
+
+    An optimizer step takes global_batch = batch_size x world x accum_steps samples (the last incomplete step of an
+    epoch is dropped, steps_per_epoch counts the others). The epoch's order is a permutation seeded by (seed, epoch);
+    step s takes the next global_batch samples of it, and micro-step a of rank r its slice [a, r] of them. So every
+    step sees the same samples whatever the number of processes and micro-steps, and set_epoch(epoch, start_step)
+    starts anywhere (resume). A sample's augmentation seed is a hash of (seed, epoch, its position in the epoch):
+    every rank and worker draws its own crops and flips, the same ones in any worker and after a resume
+    (dataset[(index, seed)])."""
+
+    def __init__(self, num_samples, batch_size, accum_steps=1, world=1, rank=0, seed=0):
+        self.num_samples, self.batch_size, self.accum_steps = num_samples, batch_size, accum_steps
+        self.world, self.rank, self.seed = world, rank, seed
+        self.global_batch = batch_size * world * accum_steps
+        self.steps_per_epoch = num_samples // self.global_batch
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start = epoch, start_step
+
+    def __len__(self):
+        return (self.steps_per_epoch - self.start) * self.accum_steps
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        perm = torch.randperm(self.num_samples, generator=g)
+        positions = torch.arange(self.steps_per_epoch * self.global_batch).view(
+            self.steps_per_epoch, self.accum_steps, self.world, self.batch_size)  # (steps, micro-steps, ranks, B)
+        for micro in positions[self.start:, :, self.rank].flatten(0, 1).tolist():  # B positions of one micro-batch
+            yield [(int(perm[i]), int(np.random.SeedSequence((self.seed, self.epoch, i)).generate_state(1)[0]))
+                   for i in micro]
+
+
+def default_workers(name):
+    """DataLoader workers for dataset `name` in this process: 0 for the embedded synthetic scenes (cheap to render,
+    and the tests stay single-process); for a real dataset, this process's share of the CPU cores it may run on
+    (torchrun's LOCAL_WORLD_SIZE processes share them) less one for the training loop, at most 16. One 13-task
+    Taskonomy sample costs 50-75 ms of PNG decoding on one core, so a GPU that trains 60 images/s needs 3-5."""
+    if name in ("synthetic", "synthetic-pascal"):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader worker_init_fn of a training run, which saves a checkpoint on SIGTERM or SIGUSR1: a worker killed by
+    one of them would take the training process down with it before it saves. So each worker leaves the training
+    process's process group (torchrun delivers SIGTERM to that group, as a terminal does) and ignores SIGUSR1, which
+    a scheduler may send to every process of a job. A SIGTERM sent to the worker itself still ends it (PyTorch and
+    multiprocessing stop workers that way), and a worker also ends when the training process does."""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class RandomTargets(Dataset):
@@ -1123,6 +1427,7 @@ class RandomTargets(Dataset):
         return self.length
 
     def __getitem__(self, i):
+        i = i[0] if isinstance(i, tuple) else i  # (index, seed) as the real datasets take
         g = torch.Generator().manual_seed(i)
         H = W = self.img_size
         targets = {}
@@ -1186,7 +1491,27 @@ if __name__ == "__main__":
     parser.add_argument("--task-set", default="taskonomy", choices=("taskonomy", "pascal"), help="which tasks")
     parser.add_argument("--out", default=None, help="PNG path (default docs/synthetic_samples.png or _pascal.png)")
     parser.add_argument("--img-size", type=int, default=64, help="resolution of the shown samples")
+    parser.add_argument("--seed", type=int, default=0, help="which scenes a written tree holds (--write-*)")
+    parser.add_argument("--write-pascal", metavar="DIR", help="write a PASCAL_MT tree of synthetic scenes to DIR")
+    parser.add_argument("--images", type=int, default=100, help="--write-pascal: images, half train and half val")
+    parser.add_argument("--long-side", type=int, default=500, help="--write-pascal: longer image side (VOC: 500)")
+    parser.add_argument("--write-taskonomy", metavar="DIR", help="write a Taskonomy tree (omnitools layout, 512 px) "
+                        "of synthetic scenes to DIR")
+    parser.add_argument("--buildings", type=int, default=3, help="--write-taskonomy: buildings (train, val, test)")
+    parser.add_argument("--views", type=int, default=2, help="--write-taskonomy: views per building")
     args = parser.parse_args()
     if args.show:
         default_out = "docs/synthetic_samples.png" if args.task_set == "taskonomy" else "docs/synthetic_pascal.png"
         show(args.task_set, args.out or default_out, img_size=args.img_size)
+    if args.write_pascal:
+        import data_trees  # the tree writers live beside data.py: train.py and evaluate.py never import them
+        try:
+            data_trees.write_pascal(args.write_pascal, args.images, args.seed, args.long_side)
+        except (ValueError, FileExistsError) as e:
+            parser.error(str(e))
+    if args.write_taskonomy:
+        import data_trees
+        try:
+            data_trees.write_taskonomy(args.write_taskonomy, args.buildings, args.views, args.seed)
+        except (ValueError, FileExistsError) as e:
+            parser.error(str(e))

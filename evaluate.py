@@ -16,7 +16,9 @@ Losses follow the official code for Taskonomy (get_loss, engine_mt.py:15-35) and
         every other task            l1 ↓
     Taskonomy, physical: rmse_m ↓ (both depths, metres, valid pixels), mean/median_angle_deg ↓ (normal, valid pixels)
     PASCAL-Context (MTL-PyTorch protocol): semseg/human_parts miou ↑, saliency maxF ↑ and miou ↑,
-        normals mean/median_angle_deg ↓, edge odsF ↑ (an approximation of SEISM, see EdgeMeter)
+        normals mean/median_angle_deg ↓, edge odsF ↑ (an approximation of SEISM, see EdgeMeter); by default at each
+        image's own size, as MTL-PyTorch's final evaluation (evaluate_pascal_native); --protocol in-loop scores
+        the labels resized to the network's 512² instead
 Every task also reports `loss`, its task loss averaged over batches weighted by batch size, as the official logs do.
 
 Shapes: B batch · C channels (classes) · H, W pixels · HW = H*W · T tasks · E experts.
@@ -27,6 +29,7 @@ import itertools
 import json
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import matplotlib
@@ -85,7 +88,8 @@ def task_loss(name, pred, target, mask=None):
 
     pred: (B, C, H, W) dense output (logits for semseg, human_parts, saliency, edge) or (B, C) image-level logits.
     target: in the contract's encoding (soft labels (B, C), dense float (B, C, H, W), or int64 labels (B, H, W)).
-    mask: optional bool (B, 1, H, W), True = valid. The official Taskonomy losses use no mask; I use it when given.
+    mask: optional bool (B, 1, H, W), True = valid. The official Taskonomy losses use no mask; I use it when given,
+    except for depth (see there).
     """
     pred = pred.float()
     if name in ("class_object", "class_scene"):
@@ -98,6 +102,11 @@ def task_loss(name, pred, target, mask=None):
         return masked_mean(1 - cos, mask)
     if name == "principal_curvature":
         return masked_mean((pred - target.float()) ** 2, mask)
+    if name in ("depth_euclidean", "depth_zbuffer"):
+        # every pixel, missing depth (target 1.0) included, as the official loss: the official metrics score every
+        # pixel, and a model never trained on the sky loses most of its depth metric there (the mask is kept for
+        # the metres metric)
+        return (pred - target.float()).abs().mean()
     if name in TASKONOMY_TASKS:
         return masked_mean((pred - target.float()).abs(), mask)
     if name in ("semseg", "human_parts"):
@@ -219,8 +228,11 @@ class IoUMeter(Meter):
         self.skip_empty = skip_empty
 
     def update(self, pred, target, mask=None):
-        C = pred.shape[1]
-        labels, target = pred.argmax(1), target.long()  # (B, H, W)
+        self.update_labels(pred.argmax(1), target, pred.shape[1])
+
+    def update_labels(self, labels, target, num_classes):
+        """labels: (B, H, W) predicted class ids; target: (B, H, W) labels, 255 = ignore."""
+        C, target = num_classes, target.long()
         if self.skip_empty:
             flat = target.flatten(1)
             uniform = (flat == flat[:, :1]).all(1) & ((flat[:, 0] == IGNORE) | (flat[:, 0] == 0))
@@ -241,17 +253,21 @@ class IoUMeter(Meter):
 class SaliencyMeter(Meter):
     """maxF and mIoU of saliency as MTL-PyTorch's eval_sal.py: 15 thresholds in [0.2, 0.9] on sigmoid(logits);
     precision, recall and IoU per image, averaged over images, then the best threshold."""
-    thresholds = torch.linspace(0.2, 0.9, 15)
+    thresholds = torch.linspace(0.2, 0.9, 15, dtype=torch.float64).float()  # np.linspace's values, compared in float32
 
     def update(self, pred, target, mask=None):
-        prob = torch.sigmoid(pred.float()).flatten(1)[:, None]  # (B, 1, HW)
+        self.update_probs(torch.sigmoid(pred.float()), target)
+
+    def update_probs(self, prob, target):
+        """prob: (B, 1, H, W) saliency probabilities; target: (B, 1, H, W) {0, 1}."""
+        prob = prob.flatten(1)[:, None]  # (B, 1, HW)
         gt = (target >= 0.5).flatten(1)[:, None]
-        binary = prob > self.thresholds.to(prob.device)[None, :, None]  # (B, 15, HW)
+        binary = prob > self.thresholds.to(prob)[None, :, None]  # (B, 15, HW)
         tp, fp, fn = (binary & gt).sum(2), (binary & ~gt).sum(2), (~binary & gt).sum(2)  # (B, 15)
         # an image with an empty label and an empty prediction has IoU 1 (jaccard.py)
         iou = torch.where(tp + fp + fn > 0, tp / (tp + fp + fn).clamp_min(1), 1.0)
         self.add(precision=(tp / (tp + fp + 1e-12)).sum(0), recall=(tp / (tp + fn + 1e-12)).sum(0),
-                 iou=iou.sum(0), n=len(pred))
+                 iou=iou.sum(0), n=len(prob))
 
     def compute(self):
         n = self.sums["n"]
@@ -282,7 +298,8 @@ class EdgeMeter(Meter):
     that distance. Counts are summed over the whole set per threshold, and ODS is the F at the best single threshold.
     Unlike SEISM there is no one-to-one (bipartite) matching and no thinning of the predictions, so a thick
     prediction along a label edge counts as all correct: the result is an approximation and typically optimistic.
-    It is also measured at the evaluation resolution, not at the original image size.
+    It is measured at the resolution it is given: the network's in the in-loop evaluation, each image's own in
+    evaluate_pascal_native (as SEISM).
     """
     thresholds = torch.linspace(0.01, 0.99, 99)
 
@@ -298,10 +315,14 @@ class EdgeMeter(Meter):
         return counts.flip(0).cumsum(0).flip(0)[1:]
 
     def update(self, pred, target, mask=None):
-        H, W = pred.shape[-2:]
+        self.update_probs(torch.sigmoid(pred.float()), target)
+
+    def update_probs(self, prob, target):
+        """prob: (B, 1, H, W) edge probabilities; target: (B, 1, H, W) {0, 1} label edges."""
+        H, W = prob.shape[-2:]
         radius = self.max_dist * math.hypot(H, W)
-        prob, gt = torch.sigmoid(pred.float()), (target >= 0.5).float()
-        thr = self.thresholds.to(prob.device)
+        gt = (target >= 0.5).to(prob.dtype)
+        thr = self.thresholds.to(prob)
         near_gt = disk_max(gt, radius) > 0  # pixels within the tolerance of a label edge
         best_near = disk_max(prob, radius)  # a label pixel is recalled at threshold t iff best_near >= t
         self.add(matched_pred=self.count_at_least(prob[near_gt], thr), total_pred=self.count_at_least(prob, thr),
@@ -378,9 +399,110 @@ def evaluate_model(model, loader, device, tasks=None, max_batches=None):
     return metrics.compute()
 
 
+class CountingUsage(torch.nn.Module):
+    """A model, unchanged, that also counts the experts each task's tokens choose in the passes made through it: the
+    usage modsquad.expert_usage measures, from an evaluation pass itself instead of one more pass per task.
+    usage(name) -> per MoE layer, (E,) fractions of the task's tokens choosing each expert (each sums to K)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cfg = model, model.cfg
+        self.counts, self.tokens = {}, {}
+
+    def forward(self, images, task):
+        preds, routings = self.model(images, task)
+        for t, layers in [(task, routings)] if isinstance(task, int) else zip(task, routings):
+            name = self.cfg.tasks[t][0]
+            counts = self.counts.setdefault(name, [torch.zeros(m.num_experts, device=images.device)
+                                                   for m in self.model.moe_layers])
+            for c, r in zip(counts, layers):
+                idx = r.topk_idx.flatten()  # (B*N*K,)
+                c.index_add_(0, idx, torch.ones_like(idx, dtype=c.dtype))  # bincount, without its host sync on GPU
+            self.tokens[name] = self.tokens.get(name, 0) + (layers[0].topk_idx.shape[0] if layers else 0)
+        return preds, routings
+
+    def usage(self, name):
+        return [c.cpu() / max(self.tokens[name], 1) for c in self.counts[name]]
+
+
+# -----------------------------------------------------------------------------
+# PASCAL-Context at each image's own size: MTL-PyTorch's final evaluation (evaluate_utils.py save_model_predictions,
+# then evaluation/eval_*.py on the full-resolution labels), which M3ViT and its successors report. The in-loop
+# evaluation above scores labels resized to the network's 512² instead (MTL-PyTorch's online evaluation).
+
+def pascal_native_prediction(name, pred, size):
+    """One image's output pred (C, h, w) at the network's resolution -> the uint8 map save_model_predictions writes
+    for it as PNG, resized to the image's size (H, W) with cv2 as its INFER_FLAGVALS say: semseg, human_parts: argmax,
+    then nearest -> (H, W) class ids; normals: (n / |n| + 1) * 255 / 2, bilinear -> (3, H, W); saliency, edge:
+    255 sigmoid, bilinear -> (1, H, W). astype(np.uint8) truncates; bilinear keeps the values inside [0, 255]."""
+    pred = pred.float()
+    if name in ("semseg", "human_parts"):
+        return data.cv2_resize(pred.argmax(0)[None], size, "nearest")[0].to(torch.uint8)
+    x = (F.normalize(pred, dim=0) + 1) * 255 / 2 if name == "normals" else 255 * torch.sigmoid(pred)
+    return data.cv2_resize(x, size, "linear").to(torch.uint8)
+
+
+def native_meters(name):
+    """The meters of one task in the native-size protocol: its loss (at the network's resolution), its metric."""
+    edge = EdgeMeter()
+    # SEISM (MATLAB) compares double(png) / 255 >= threshold, its thresholds written as '%.2f'
+    edge.thresholds = torch.arange(1, 100, dtype=torch.float64) / 100
+    metric = {"semseg": IoUMeter(), "human_parts": IoUMeter(skip_empty=True), "saliency": SaliencyMeter(),
+              "normals": AngleMeter(), "edge": edge}
+    return [MeanMeter("loss", loss_stat(name)), metric[name]]
+
+
+def update_native(name, meters, png, native):
+    """Score one image's saved prediction png (pascal_native_prediction) against its native labels, as eval_*.py."""
+    target = native[name][None]
+    if name in ("semseg", "human_parts"):  # eval_semseg / eval_human_parts: TP, FP, FN over the set, 255 ignored
+        meters[1].update_labels(png[None].long(), target, {n: c for n, c, _ in data.PASCAL_TASKS}[name])
+    elif name == "normals":  # eval_normals: 2 png / 255 - 1, both normalised, pixels where the label is non-zero
+        meters[1].update((2 * png.float() / 255 - 1)[None], target, native["normals_mask"][None])
+    elif name == "saliency":  # eval_sal: png / 255 (float32) > 15 thresholds, IoU / precision / recall per image
+        meters[1].update_probs(png[None].float() / 255, target)
+    elif name == "edge":
+        meters[1].update_probs(png[None].double() / 255, target)
+
+
+@torch.no_grad()
+def evaluate_pascal_native(model, loader, device, tasks=None, max_batches=None):
+    """The final PASCAL-Context evaluation at each image's own size: loader gives (images, targets, natives) batches
+    (data.PascalContextDataset(native_labels=True), collate_fn=data.collate_native); every prediction is resized to
+    its image's size, quantised to 8 bits as the saved PNGs are (pascal_native_prediction) and scored against the
+    untouched labels. Returns {task: {metric: value}}, each with the task's mean `loss` at the network's resolution."""
+    names = [name for name, _, _ in model.cfg.tasks]
+    tasks = names if tasks is None else list(tasks)
+    was_training = model.training
+    model.eval()
+    meters = {name: native_meters(name) for name in tasks}
+    batches = itertools.islice(loader, max_batches)
+    total = len(loader) if max_batches is None else min(max_batches, len(loader))
+    for images, targets, natives in tqdm(batches, total=total, desc="evaluate (native size)", leave=False):
+        preds, _ = model(images.to(device), [names.index(name) for name in tasks])
+        for name, pred in zip(tasks, preds):
+            mask = targets.get(f"{name}_mask")
+            meters[name][0].update(pred.detach(), targets[name].to(device), None if mask is None else mask.to(device))
+            for p, native in zip(pred.detach().cpu(), natives):
+                # save_model_predictions skips an image whose label is all 255 (human_parts: no person)
+                if not (native[name] == IGNORE).all():
+                    update_native(name, meters[name], pascal_native_prediction(name, p, native["size"]), native)
+    model.train(was_training)
+    return {name: {k: v for meter in ms for k, v in meter.compute().items()} for name, ms in meters.items()}
+
+
+def pascal_native_loader(train_args, split, cfg, **loading):
+    """A loader over `split` of a PASCAL-Context run's data (train.py's args) that also gives the native labels.
+    loading: batch_size, workers, pin_memory (eval_loader)."""
+    dataset = data.PascalContextDataset(train_args["data_root"], split, [name for name, _, _ in cfg.tasks],
+                                        img_size=cfg.img_size, augment=False, native_labels=True)
+    return eval_loader(dataset, train_args, collate_fn=data.collate_native, **loading)
+
+
 class MeanPredictor(torch.nn.Module):
     """The floor every model must beat: each task predicts its mean training target at every pixel (masked pixels
-    left out), whatever the image; label tasks predict the log class frequencies, binary ones the mean's logit."""
+    left out, except for depth, whose loss has no mask), whatever the image; label tasks predict the log class
+    frequencies, binary ones the mean's logit."""
 
     def __init__(self, cfg, batches):
         super().__init__()
@@ -389,6 +511,8 @@ class MeanPredictor(torch.nn.Module):
         for _, targets in batches:
             for name, C, _ in cfg.tasks:
                 y, mask = targets[name], targets.get(f"{name}_mask")
+                if name in ("depth_euclidean", "depth_zbuffer"):  # every pixel, as the depth loss
+                    mask = None
                 if name in ("semseg", "human_parts"):  # one-hot frequencies of the non-ignored labels
                     mask = (y != IGNORE)[:, None]
                     y = F.one_hot(y.masked_fill(y == IGNORE, 0), C).permute(0, 3, 1, 2)
@@ -460,14 +584,21 @@ def plot_expert_usage(usage_per_task, layer_names, task_names, path):
 
 
 def plot_training_curves(log_jsonl_path, path):
-    """Per-task losses and the MI loss against the step, from train.py's log.jsonl."""
+    """Per-task losses (lines: training; dots: the --eval-interval validations) and the MI loss against the step,
+    from train.py's log.jsonl. A step logged twice (a resumed run repeats the steps after its last checkpoint) is
+    drawn once, with its last record."""
     with open(log_jsonl_path) as f:
-        logs = [r for r in map(json.loads, f) if "task_losses" in r]
+        records = list(map(json.loads, f))
+    logs = sorted({r["step"]: r for r in records if "task_losses" in r}.values(), key=lambda r: r["step"])
+    vals = sorted({r["step"]: r for r in records if "val" in r}.values(), key=lambda r: r["step"])
     steps = [r["step"] for r in logs]
     fig, (ax_tasks, ax_mi) = plt.subplots(1, 2, figsize=(11, 3.5), width_ratios=(1.4, 1))
     for i, name in enumerate(logs[0]["task_losses"]):  # tab20: 13 tasks get 13 distinct colours
         ax_tasks.plot(steps, [r["task_losses"][name] for r in logs], label=name, lw=1, color=plt.cm.tab20(i % 20))
-    ax_tasks.set(xlabel="step", ylabel="task loss", yscale="log")
+        if vals:
+            ax_tasks.plot([r["step"] for r in vals], [r["val"][name]["loss"] for r in vals], "o", ms=3,
+                          color=plt.cm.tab20(i % 20))
+    ax_tasks.set(xlabel="step", ylabel="task loss (dots: validation)" if vals else "task loss", yscale="log")
     ax_tasks.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax_mi.plot(steps, [r.get("mi", float("nan")) for r in logs], color="k", lw=1)
     ax_mi.set(xlabel="step", ylabel="MI loss (= -I(T;E), summed over layers)")
@@ -525,30 +656,45 @@ def plot_predictions(model, batch, path, num_images=3):
 # -----------------------------------------------------------------------------
 # Command line: metrics of a run, and the extraction report
 
-def run_loader(train_args, split, cfg, length=None):
-    """A loader over `split` of the data a run was trained on (train.py's args), for the tasks of cfg."""
+def eval_loader(dataset, train_args, batch_size=None, workers=None, pin_memory=False, **kwargs):
+    """A DataLoader over an evaluation set: the run's batch size and this machine's default number of workers
+    (data.default_workers) unless given; the workers persist, as extraction goes over the set once per model."""
+    workers = data.default_workers(train_args.get("dataset", "synthetic")) if workers is None else workers
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size or train_args.get("batch_size", 8),
+                                       num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                                       **kwargs)
+
+
+def run_loader(train_args, split, cfg, length=None, **loading):
+    """A loader over `split` of the data a run was trained on (train.py's args), for the tasks of cfg.
+    loading: batch_size, workers, pin_memory (eval_loader)."""
     dataset = data.build_dataset(train_args.get("dataset", "synthetic"), split, root=train_args.get("data_root"),
                                  tasks=[name for name, _, _ in cfg.tasks], img_size=cfg.img_size, length=length,
-                                 seed=train_args.get("seed", 0))
-    return torch.utils.data.DataLoader(dataset, batch_size=train_args.get("batch_size", 8),
-                                       num_workers=train_args.get("workers", 0))
+                                 seed=train_args.get("seed", 0), split_csv=train_args.get("split_csv"),
+                                 require_all_buildings=train_args.get("require_all_buildings", False))
+    return eval_loader(dataset, train_args, **loading)
 
 
-def extraction_report(model, loader, device, tasks, threshold, max_batches, full_results, run_dir):
+def extraction_report(model, loader, device, tasks, threshold, max_batches, full_results, run_dir, score=None,
+                      usage=None):
     """Per task: measure expert usage on the evaluation data, extract, and evaluate the extracted model beside the
-    full one. Prints them side by side; saves extract_<task>.pt, extraction.json and expert_usage.png into run_dir."""
+    full one. Prints them side by side; saves extract_<task>.pt, extraction.json and expert_usage.png into run_dir.
+    score(model) -> {task: metrics} scores the extracted models as the full one was (default: evaluate_model).
+    usage(name) -> the task's expert usage, counted in the full model's evaluation pass (CountingUsage.usage); by
+    default it is measured here with modsquad.expert_usage, one more pass over the data per task."""
+    score = score or (lambda m: evaluate_model(m, loader, device, max_batches=max_batches))
     names = [name for name, _, _ in model.cfg.tasks]
     report, usages = {}, []
     print(f"{'task':<20} {'model':<10} {'params':>9} {'MACs':>9}  metrics")
     for name in tasks:
         t = names.index(name)
-        usages.append(expert_usage(model, itertools.islice(loader, max_batches), t))
+        usages.append(usage(name) if usage else expert_usage(model, itertools.islice(loader, max_batches), t))
         small = extract(model, t, usages[-1], threshold)
         torch.save({"model": small.state_dict(), "config": asdict(small.cfg)},
                    os.path.join(run_dir, f"extract_{name}.pt"))
         report[name] = {"full": {**count_params_flops(model, t), "metrics": full_results[name]},
                         "extracted": {**count_params_flops(small, 0),
-                                      "metrics": evaluate_model(small, loader, device, max_batches=max_batches)[name]},
+                                      "metrics": score(small)[name]},
                         "kept_experts": [len(ids) for ids in small.cfg.kept_experts]}
         for which in ("full", "extracted"):
             e = report[name][which]
@@ -574,6 +720,15 @@ def main(argv=None):
                         help="single-task runs (their metrics_<split>.json) to compute Δm against")
     parser.add_argument("--mean-baseline", type=int, default=0, metavar="N",
                         help="also score the mean predictor, with means over N training batches")
+    parser.add_argument("--protocol", choices=("native", "in-loop"), default=None,
+                        help="PASCAL-Context runs: native (their default) = MTL-PyTorch's final evaluation, each "
+                             "prediction resized to its image's own size and scored on the full-resolution labels; "
+                             "in-loop = on labels resized to the network's resolution (512² in the recipe), as its "
+                             "online evaluation. Every other dataset is scored in-loop")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's)")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 for synthetic "
+                        "data, else the CPU cores less one, at most 16)")
+    parser.add_argument("--fp32", action="store_true", help="evaluate in float32 on CUDA too (default: bf16 autocast)")
     args = parser.parse_args(argv)
     device = args.device
     if device == "auto":
@@ -586,14 +741,36 @@ def main(argv=None):
     names, train_args = [name for name, _, _ in model.cfg.tasks], ckpt.get("args", {})
     if args.extract not in (None, "all", *names):
         parser.error(f"--extract {args.extract}: not a task of this model ({', '.join(names)}) nor 'all'")
-    loader = run_loader(train_args, args.split, model.cfg, length=train_args.get("val_length"))
+    pascal = train_args.get("dataset") == "pascal"
+    protocol = args.protocol or ("native" if pascal else "in-loop")
+    if protocol == "native" and not pascal:
+        parser.error("--protocol native: only PASCAL-Context runs (train.py --dataset pascal) have native-size labels")
+    loading = dict(batch_size=args.batch_size, workers=args.workers, pin_memory=device.startswith("cuda"))
+    if protocol == "native":
+        loader = pascal_native_loader(train_args, args.split, model.cfg, **loading)
+        protocol_text = (f"native size (MTL-PyTorch's final evaluation: predictions resized to each image's own size, "
+                         f"scored on its full-resolution labels; loss at {model.cfg.img_size}²)")
+    else:
+        loader = run_loader(train_args, args.split, model.cfg, length=train_args.get("val_length"), **loading)
+        protocol_text = f"in-loop (labels at the network's resolution, {model.cfg.img_size}²)"
     if args.max_batches is not None:  # load them once: every task pass, usage count and extraction reuses them
         loader = list(itertools.islice(loader, args.max_batches))
+    evaluate_fn = evaluate_pascal_native if protocol == "native" else evaluate_model
 
-    results = evaluate_model(model, loader, device, max_batches=args.max_batches)
-    print(f"{args.run_dir} (step {ckpt.get('step')}), split {args.split}:\n{format_table(results)}")
+    def score(m):
+        # bf16 autocast on CUDA, the routers in fp32 as in training; in fp32 expert_matmul cannot use grouped_mm on
+        # CUDA and falls back to a loop over the experts with host syncs
+        with torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") and not args.fp32 else \
+                nullcontext():
+            return evaluate_fn(m, loader, device, max_batches=args.max_batches)
+
+    # the experts each task's tokens choose are counted in this same pass (extraction needs no pass of its own)
+    counted = CountingUsage(model) if args.extract else model
+    results = score(counted)
+    print(f"{args.run_dir} (step {ckpt.get('step')}), split {args.split}, protocol: {protocol_text}:\n"
+          f"{format_table(results)}")
     with open(os.path.join(args.run_dir, f"metrics_{args.split}.json"), "w") as f:
-        json.dump({"step": ckpt.get("step"), "split": args.split, "metrics": results,
+        json.dump({"step": ckpt.get("step"), "split": args.split, "protocol": protocol, "metrics": results,
                    "primary": {t: PRIMARY_METRIC.get(t) for t in results},
                    "directions": {m: direction(m) for r in results.values() for m in r}}, f, indent=2)
 
@@ -601,7 +778,11 @@ def main(argv=None):
         single = {}
         for run in args.single_task:
             with open(os.path.join(run, f"metrics_{args.split}.json")) as f:
-                single.update(json.load(f)["metrics"])
+                scored = json.load(f)
+            if scored.get("protocol", "in-loop") != protocol:
+                parser.error(f"{run} was scored with the {scored.get('protocol', 'in-loop')} protocol, this run with "
+                             f"{protocol}: run evaluate.py {run} --protocol {protocol} first")
+            single.update(scored["metrics"])
         # Δm is a relative change: a task whose single-task metric is 0 cannot enter it
         shared = [t for t in results if t in single and single[t][PRIMARY_METRIC[t]] != 0]
         primary = {t: PRIMARY_METRIC[t] for t in shared}
@@ -613,18 +794,18 @@ def main(argv=None):
         train_batches = itertools.islice(run_loader(train_args, "train", model.cfg,
                                                     length=args.mean_baseline * train_args.get("batch_size", 8)),
                                          args.mean_baseline)
-        baseline = evaluate_model(MeanPredictor(model.cfg, train_batches), loader, device, max_batches=args.max_batches)
+        baseline = score(MeanPredictor(model.cfg, train_batches))
         print(f"against predicting the training mean:\n{format_comparison(results, baseline)}")
         with open(os.path.join(args.run_dir, f"mean_predictor_{args.split}.json"), "w") as f:
             json.dump(baseline, f, indent=2)
 
-    plot_predictions(model, next(iter(loader)), os.path.join(args.run_dir, "predictions.png"))
+    plot_predictions(model, next(iter(loader))[:2], os.path.join(args.run_dir, "predictions.png"))
     log_path = os.path.join(args.run_dir, "log.jsonl")
     if os.path.exists(log_path):
         plot_training_curves(log_path, os.path.join(args.run_dir, "training_curves.png"))
     if args.extract:
         extraction_report(model, loader, device, names if args.extract == "all" else [args.extract], args.threshold,
-                          args.max_batches, results, args.run_dir)
+                          args.max_batches, results, args.run_dir, score, counted.usage)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,28 @@
 """
 The paper in miniature: single-task baselines, a dense multi-task baseline, Mod-Squad without and with the MI loss,
-and the extracted per-task models, trained with the same budget on the synthetic 13-task scenes and compared in
-one table. One command, re-runnable: finished runs are reused and an interrupted training resumes.
+and the extracted per-task models, trained with the same budget on the synthetic 13-task scenes over several seeds,
+and compared in one table of mean ± std. One command, re-runnable: finished runs are reused, an interrupted training
+resumes, and every finished run is recorded in results.json, so a long study can be completed over several sittings
+(the records are enough: the run directories may be gone).
 
-    python reproduce.py                  # 13 tasks, 400 steps of 32 images per model: about 40 min on 2 free cores
-    python reproduce.py --quick          # 3 tasks, 30 steps of 8 images: a few minutes
+    python reproduce.py                  # 13 tasks, train.py's default budget, seeds 0, 1, 2: hours on 2 cores
+    python reproduce.py --seeds 5        # seeds 0-4 (the recorded runs of seeds 0-2 are reused)
+    python reproduce.py --first-seed 10  # seeds 10, 11, 12: the same study on scenes nobody has used
+    python reproduce.py --table-only     # the table from the recorded runs alone, training nothing
+    python reproduce.py --quick          # 3 tasks, 30 steps of 8 images, one seed: a few minutes
     python reproduce.py --force          # redo every run
 
-Runs under --out, each `train.py --no-final-eval` then `evaluate.py --max-batches` (subprocesses, logs in the run dir):
+Runs under --out/seed<S>/, each `train.py --no-final-eval` then `evaluate.py` (subprocesses, logs in the run dir):
     single_<task>    the default model trained on one task (T = 1): the single-task baseline of that task
     dense            the dense multi-task baseline (train.py --no-moe: the same active MACs per task pass)
     modsquad_nomi    Mod-Squad without the MI loss (--mi-weight 0), experts extracted (evaluate.py --extract all)
-    modsquad         Mod-Squad (defaults), experts extracted
-Every run gets the same steps, batch size, lr, seed and image size; nothing is tuned per model. Writes results.md,
-results.json and the task x expert usage heatmaps of the two Mod-Squad runs into --out, and prints the table. A
-mean-predictor column (each task predicts its mean training target) shows the floor every model must beat.
+    modsquad         Mod-Squad (defaults), experts extracted, and the mean predictor scored
+Every run gets the same steps, batch size, lr and image size; nothing is tuned per model. The seed sets the scenes,
+the initialisation and the data order of every run of its study. Writes into --results (default results/reproduce,
+kept under version control): results.json (the record of every finished run, and the table as data), results.md
+(each cell mean ± std over the seeds, and which differences exceed the seed-to-seed spread), and the task x expert
+usage heatmaps of the first seed's two Mod-Squad runs. A mean-predictor column (each task predicts its mean training
+target) shows the floor every model must beat.
 """
 
 import argparse
@@ -23,6 +31,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -33,8 +42,12 @@ import evaluate
 from modsquad import ModSquad, ModSquadConfig, count_params_flops, mutual_information_loss, task_expert_joint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-QUICK = dict(steps=30, batch_size=8, tasks="class_object,depth_euclidean,normal")
-MEAN_BATCHES = 8  # training batches whose mean target the mean predictor (the floor) predicts
+# train.py's default budget (tests/test_reproduce.py checks that they agree), passed to every run explicitly so that
+# a recorded run stays comparable when train.py's defaults change
+BUDGET = dict(steps=2000, batch_size=8, blr=0.064, warmup_steps=100)
+QUICK = dict(steps=30, batch_size=8, warmup_steps=3, tasks="class_object,depth_euclidean,normal", seeds=1,
+             eval_images=64)
+EVAL_IMAGES = 256  # validation scenes every run is scored on; the mean predictor averages as many training scenes
 # table columns: key, heading. The mean predictor and the two extracted columns come from the evaluations of
 # modsquad and modsquad_nomi (mean_predictor_val.json, extraction.json)
 COLUMNS = {"mean": "mean predictor", "single": "single-task", "dense": "dense MTL",
@@ -42,15 +55,22 @@ COLUMNS = {"mean": "mean predictor", "single": "single-task", "dense": "dense MT
            "extracted_nomi": "extracted w/o MI"}
 EXTRACTED_FROM = {"extracted": "modsquad", "extracted_nomi": "modsquad_nomi"}
 MOE_RUNS = ("modsquad_nomi", "modsquad")
+TARGET_GAIN = 10.0  # %: the default run should beat the mean predictor by this much on every task (README)
 
 
-def run_specs(tasks):
-    """(run name, its own train.py settings, its extra evaluate.py flags) of every run, the single-task runs first.
-    Experts are extracted (and I(T;E) measured) for the two Mod-Squad runs; the mean predictor is scored once."""
+def run_specs(tasks, eval_batches):
+    """(run name, its own train.py settings, its extra evaluate.py flags) of every run of one seed, the single-task
+    runs first. Experts are extracted (and I(T;E) measured) for the two Mod-Squad runs; the mean predictor is scored
+    once, over as many training batches as the evaluation has validation batches."""
     mtl, extract = ",".join(tasks), ["--extract", "all"]
     return [(f"single_{t}", dict(tasks=t), []) for t in tasks] + [
         ("dense", dict(tasks=mtl, no_moe=True), []), ("modsquad_nomi", dict(tasks=mtl, mi_weight=0.0), extract),
-        ("modsquad", dict(tasks=mtl), extract + ["--mean-baseline", str(MEAN_BATCHES)])]
+        ("modsquad", dict(tasks=mtl), extract + ["--mean-baseline", str(eval_batches)])]
+
+
+def run_settings(budget, seed, settings):
+    """The train.py settings of one run: the study's budget and seed, then the run's own (tasks, --no-moe, ...)."""
+    return {**budget, "seed": seed, "no_moe": False, "mi_weight": None, **settings}
 
 
 def read_json(path):
@@ -59,8 +79,14 @@ def read_json(path):
 
 
 def write_json(obj, path):
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)  # atomic: a kill while writing leaves the previous file
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs)
 
 
 # -----------------------------------------------------------------------------
@@ -113,13 +139,11 @@ def measure_mi(run_dir, max_batches):
     return {"layers": model.moe_layer_names, "per_layer": per_layer, "bound": bounds}
 
 
-def train_and_evaluate(out, name, settings, eval_flags, args):
-    """Train one run (or resume, or reuse it) and evaluate it; bookkeeping in <run>/reproduce.json."""
-    run_dir = os.path.join(out, name)
-    if args.force and os.path.isdir(run_dir):
+def train_and_evaluate(run_dir, name, expected, eval_flags, eval_batches, force):
+    """Train one run (or resume, or reuse it) with the train.py settings `expected`, and evaluate it on eval_batches
+    validation batches; bookkeeping in <run>/reproduce.json."""
+    if force and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
-    expected = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "no_moe": False,
-                "mi_weight": None, **settings}
     # --name value per setting, a bare --name for True, nothing for None or False (but --mi-weight 0 is passed)
     flags = [x for k, v in expected.items() if v is not None and v is not False
              for x in (["--" + k.replace("_", "-")] + ([] if v is True else [str(v)]))]
@@ -129,7 +153,7 @@ def train_and_evaluate(out, name, settings, eval_flags, args):
     os.makedirs(run_dir, exist_ok=True)
     stamp_path = os.path.join(run_dir, "reproduce.json")
     stamp = read_json(stamp_path) if os.path.exists(stamp_path) else {}
-    if step != args.steps:
+    if step != expected["steps"]:
         print(f"{name}: training{f' (resuming at step {step})' if step else ''} ...", end=" ", flush=True)
         t0 = time.time()
         run_logged([sys.executable, "train.py", "--out-dir", run_dir, "--no-final-eval", *flags,
@@ -137,14 +161,14 @@ def train_and_evaluate(out, name, settings, eval_flags, args):
         stamp = {"train_s": time.time() - t0, "resumed_at": step}
         write_json(stamp, stamp_path)
         print(f"{stamp['train_s']:.0f} s", flush=True)
-    evaluated = {"step": args.steps, "eval_batches": args.eval_batches, "flags": eval_flags}
+    evaluated = {"step": expected["steps"], "eval_batches": eval_batches, "flags": eval_flags}
     if stamp.get("evaluated") != evaluated:
         print(f"{name}: evaluating ...", end=" ", flush=True)
         t0 = time.time()
-        run_logged([sys.executable, "evaluate.py", run_dir, "--max-batches", str(args.eval_batches), *eval_flags],
+        run_logged([sys.executable, "evaluate.py", run_dir, "--max-batches", str(eval_batches), *eval_flags],
                    os.path.join(run_dir, "evaluate.log"))
         if "--extract" in eval_flags:
-            stamp["mi"] = measure_mi(run_dir, args.eval_batches)
+            stamp["mi"] = measure_mi(run_dir, eval_batches)
         stamp.update(eval_s=time.time() - t0, evaluated=evaluated)
         write_json(stamp, stamp_path)
         print(f"{stamp['eval_s']:.0f} s", flush=True)
@@ -152,111 +176,216 @@ def train_and_evaluate(out, name, settings, eval_flags, args):
         print(f"{name}: done before, reused", flush=True)
 
 
+def git_commit():
+    """The commit the code was at (None outside a git checkout), kept in each record as provenance."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_record(run_dir, expected, eval_batches):
+    """What the table needs from one finished run, as plain data: results.json keeps it, so that the study can be
+    completed in a later sitting without the run directory."""
+    cfg = ModSquadConfig.from_dict(read_json(os.path.join(run_dir, "config.json"))["model"])
+    counts = [count_params_flops(cfg, i) for i in range(len(cfg.tasks))]
+    stamp = read_json(os.path.join(run_dir, "reproduce.json"))
+    record = {"settings": expected, "eval_batches": eval_batches,
+              "metrics": read_json(os.path.join(run_dir, "metrics_val.json"))["metrics"],
+              "params": counts[0]["params"], "macs": mean(c["macs"] for c in counts),  # one task needs the whole model
+              "seconds": {k: stamp.get(k) for k in ("train_s", "eval_s")}, "commit": git_commit()}
+    if "mi" in stamp:  # the Mod-Squad runs: extracted models and I(T;E)
+        extraction = read_json(os.path.join(run_dir, "extraction.json"))
+        record["extracted"] = {t: {"metrics": e["extracted"]["metrics"], "params": e["extracted"]["params"],
+                                   "macs": e["extracted"]["macs"], "kept_experts": e["kept_experts"]}
+                               for t, e in extraction.items()}
+        record["mi"] = stamp["mi"]
+    if os.path.exists(os.path.join(run_dir, "mean_predictor_val.json")):
+        record["mean_predictor"] = read_json(os.path.join(run_dir, "mean_predictor_val.json"))
+    return record
+
+
 # -----------------------------------------------------------------------------
-# The table, from the run directories' JSON files only
+# The table, from the records only: per seed, then mean ± std over the seeds
 
-def mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs)
+def table_rows(tasks):
+    """(task, metric) of every row: each task's primary metric, and normal once more by its mean angle (its official
+    L1 of the raw output scores the output's length, which the cosine loss never trains)."""
+    return [(t, evaluate.PRIMARY_METRIC[t]) for t in tasks] + ([("normal", "mean_angle_deg")] if "normal" in tasks
+                                                                else [])
 
 
-def build_results(out, tasks):
-    """Everything results.md shows, as plain data: per-task primary metrics of every column, Δm against the
-    single-task models, parameters, active MACs, kept experts and I(T;E)."""
-    runs = {name: os.path.join(out, name) for name, _, _ in run_specs(tasks)}
-    metrics = lambda run: read_json(os.path.join(runs[run], "metrics_val.json"))["metrics"]
-    config = lambda run: ModSquadConfig.from_dict(read_json(os.path.join(runs[run], "config.json"))["model"])
-    primary = {t: evaluate.PRIMARY_METRIC[t] for t in tasks}
-    directions = {t: evaluate.direction(primary[t]) for t in tasks}
-    extraction = {col: read_json(os.path.join(runs[run], "extraction.json")) for col, run in EXTRACTED_FROM.items()}
-
-    mean_predictor = read_json(os.path.join(runs["modsquad"], "mean_predictor_val.json"))
-
-    def column_values(metric):  # metric[t]: the metric that judges task t
-        values = {"mean": {t: mean_predictor[t][metric[t]] for t in tasks},
-                  "single": {t: metrics(f"single_{t}")[t][metric[t]] for t in tasks}}
-        for run in ("dense", *MOE_RUNS):
-            values[run] = {t: metrics(run)[t][metric[t]] for t in tasks}
-        for col in EXTRACTED_FROM:
-            values[col] = {t: extraction[col][t]["extracted"]["metrics"][metric[t]] for t in tasks}
-        # Δm is a relative change: undefined when a single-task metric is 0 (top-1 of a barely trained classifier)
-        defined = all(values["single"][t] != 0 for t in tasks)
-        dirs = {t: evaluate.direction(metric[t]) for t in tasks}
-        delta = {col: evaluate.delta_m(values[col], values["single"], dirs) if col != "single" and defined else None
-                 for col in COLUMNS}
-        return values, delta
-
-    values, delta = column_values(primary)
-    # the official normal metric (L1 of the raw output) scores a length the cosine loss never trains: Δm again with
-    # normal judged by its mean angular error
-    delta_angle = column_values({**primary, "normal": "mean_angle_deg"})[1] if "normal" in tasks else None
-
-    # parameters to serve all T tasks and to serve one; active MACs per task pass (heads excluded, as counted there)
-    single = [count_params_flops(config(f"single_{t}"), 0) for t in tasks]
-    params_all = {"single": sum(c["params"] for c in single)}
-    params_one = {"single": mean(c["params"] for c in single)}
-    macs = {"single": mean(c["macs"] for c in single)}
+def seed_results(runs, tasks):
+    """One seed's table as plain data, from its runs' records (run name -> record): every column's metric per row,
+    its gain over the mean predictor (%), Δm against the single-task models (by the primary metrics, and with normal
+    by mean angle), parameters, active MACs, kept experts and I(T;E)."""
+    rows = table_rows(tasks)
+    key = lambda t, m: f"{t} {m}"  # noqa: E731
+    values = {"mean": {key(t, m): runs["modsquad"]["mean_predictor"][t][m] for t, m in rows},
+              "single": {key(t, m): runs[f"single_{t}"]["metrics"][t][m] for t, m in rows}}
     for run in ("dense", *MOE_RUNS):
-        counts = [count_params_flops(config(run), i) for i in range(len(tasks))]
-        params_all[run] = params_one[run] = counts[0]["params"]  # one task needs the whole model
-        macs[run] = mean(c["macs"] for c in counts)
+        values[run] = {key(t, m): runs[run]["metrics"][t][m] for t, m in rows}
+    for col, run in EXTRACTED_FROM.items():
+        values[col] = {key(t, m): runs[run]["extracted"][t]["metrics"][m] for t, m in rows}
+    sign = {key(t, m): 1 if evaluate.direction(m) == "↑" else -1 for t, m in rows}
+    # gain over the mean predictor: +(M - M_mean) / M_mean × 100 when higher is better, - when lower is
+    gain = {col: {k: sign[k] * (v[k] - values["mean"][k]) / values["mean"][k] * 100 for k in v}
+            for col, v in values.items() if col != "mean"}
+
+    def delta(metric):  # Δm of every column, each task judged by metric[t]; undefined if a single-task metric is 0
+        ks = [key(t, metric[t]) for t in tasks]
+        if any(values["single"][k] == 0 for k in ks):
+            return {col: None for col in COLUMNS}
+        dirs = {k: "↑" if sign[k] > 0 else "↓" for k in ks}
+        return {col: None if col == "single" else
+                evaluate.delta_m({k: values[col][k] for k in ks}, {k: values["single"][k] for k in ks}, dirs)
+                for col in COLUMNS}
+
+    primary = {t: evaluate.PRIMARY_METRIC[t] for t in tasks}
+    single = [runs[f"single_{t}"] for t in tasks]
+    params_all = {"single": sum(r["params"] for r in single)}
+    params_one = {"single": mean(r["params"] for r in single)}
+    macs = {"single": mean(r["macs"] for r in single)}
+    for run in ("dense", *MOE_RUNS):
+        params_all[run] = params_one[run] = runs[run]["params"]
+        macs[run] = runs[run]["macs"]
     kept = {}
-    for col in EXTRACTED_FROM:
-        small = [extraction[col][t]["extracted"] for t in tasks]
+    for col, run in EXTRACTED_FROM.items():
+        small = [runs[run]["extracted"][t] for t in tasks]
         params_all[col], params_one[col] = sum(s["params"] for s in small), mean(s["params"] for s in small)
         macs[col] = mean(s["macs"] for s in small)
-        kept[col] = mean(mean(extraction[col][t]["kept_experts"]) for t in tasks)
-    cfg = config("modsquad")
-    experts = [cfg.num_attn_experts if kind == "attn" else cfg.num_mlp_experts for kind in cfg.moe_layer_kinds()]
+        kept[col] = mean(mean(s["kept_experts"]) for s in small)
+    mi = {run: mean(runs[run]["mi"]["per_layer"]) for run in MOE_RUNS}
+    mi_bound = {run: mean(runs[run]["mi"]["bound"]) for run in MOE_RUNS}
+    return {"values": values, "gain_over_mean": gain, "delta_m": delta(primary),
+            "delta_m_normal_by_angle": delta({**primary, "normal": "mean_angle_deg"}) if "normal" in tasks else None,
+            "params_all_tasks": params_all, "params_one_task": params_one, "macs": macs, "kept_experts_mean": kept,
+            "mi": mi, "mi_bound": mi_bound}
 
-    stamps = {run: read_json(os.path.join(path, "reproduce.json")) for run, path in runs.items()}
-    mi = {run: {**stamps[run]["mi"], "mean": mean(stamps[run]["mi"]["per_layer"]),
-                "bound_mean": mean(stamps[run]["mi"]["bound"])} for run in MOE_RUNS}
-    train_args = read_json(os.path.join(runs["modsquad"], "config.json"))["args"]
-    budget = {k: train_args[k] for k in ("steps", "batch_size", "blr", "seed", "warmup_steps", "preset")}
-    budget.update(lr=train_args["blr"] * train_args["batch_size"] / 256, img_size=cfg.img_size)
-    return {"tasks": list(tasks), "columns": COLUMNS, "primary": primary, "directions": directions, "values": values,
-            "delta_m": delta, "delta_m_normal_by_angle": delta_angle, "params_all_tasks": params_all, "params_one_task": params_one, "macs": macs,
-            "kept_experts_mean": kept, "experts_mean": mean(experts), "mi": mi, "budget": budget,
-            "seconds": {run: {k: s.get(k) for k in ("train_s", "eval_s")} for run, s in stamps.items()}}
+
+def spread(xs):
+    """mean, sample standard deviation (None for one value) and the values of one quantity over the seeds."""
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None, "per_seed": list(xs)}
+
+
+def over_seeds(per_seed):
+    """The per-seed results (a list of equally shaped nested dicts of numbers) as one such dict of spreads."""
+    first = per_seed[0]
+    if isinstance(first, dict):
+        return {k: over_seeds([s[k] for s in per_seed]) for k in first}
+    return None if first is None else spread(per_seed)
+
+
+def verdict(diffs):
+    """Whether a difference measured on every seed (paired: the same seed's runs) is claimed: its sign is the same on
+    every seed and its mean exceeds its seed-to-seed standard deviation."""
+    if len(diffs) < 2:
+        return "one seed: no claim"
+    s = spread(diffs)
+    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    return "exceeds the spread" if same_sign and abs(s["mean"]) > s["std"] else "within the spread: no claim"
+
+
+def differences(per_seed, tasks):
+    """The comparisons results.md states, each as (what, per-seed values, spread, verdict): Δm of every model against
+    the single-task ones, Mod-Squad against its ablations, I(T;E) and kept experts with and without the MI loss, and
+    every model's worst task against the mean predictor."""
+    by = "delta_m_normal_by_angle" if "normal" in tasks else "delta_m"
+    label = " (normal by mean angle)" if "normal" in tasks else ""
+    out = []
+
+    def add(what, diffs):
+        if all(d is not None for d in diffs):
+            out.append({"what": what, "per_seed": diffs, **spread(diffs), "verdict": verdict(diffs)})
+
+    for col in ("dense", "modsquad_nomi", "modsquad", "extracted"):
+        add(f"Δm{label} of {COLUMNS[col]} vs single-task", [s[by][col] for s in per_seed])
+    for a, b in (("modsquad", "modsquad_nomi"), ("modsquad", "dense"), ("modsquad_nomi", "dense")):
+        add(f"Δm{label}: {COLUMNS[a]} − {COLUMNS[b]}", [s[by][a] - s[by][b] for s in per_seed])
+    add("I(T;E) per MoE layer (nats): Mod-Squad − w/o MI", [s["mi"]["modsquad"] - s["mi"]["modsquad_nomi"]
+                                                           for s in per_seed])
+    add("kept experts per MoE layer: extracted Mod-Squad − extracted w/o MI",
+        [s["kept_experts_mean"]["extracted"] - s["kept_experts_mean"]["extracted_nomi"] for s in per_seed])
+    for col in ("single", "dense", "modsquad_nomi", "modsquad"):
+        worst = [min(s["gain_over_mean"][col].values()) for s in per_seed]
+        out.append({"what": f"{COLUMNS[col]}: gain over the mean predictor on its worst task (%), target "
+                            f">= {TARGET_GAIN:g}", "per_seed": worst, **spread(worst),
+                    "verdict": "meets the target on every seed" if min(worst) >= TARGET_GAIN else
+                    "misses the target on some seed"})
+    return out
+
+
+def build_results(records, tasks, seeds):
+    """Everything results.md shows, as plain data, from the records (key "seed<S>/<run>") of the given seeds."""
+    per_seed = [seed_results({name: records[f"seed{s}/{name}"] for name, _, _ in run_specs(tasks, 0)}, tasks)
+                for s in seeds]
+    first = records[f"seed{seeds[0]}/modsquad"]
+    budget = {k: first["settings"][k] for k in BUDGET}
+    budget.update(lr=budget["blr"] * budget["batch_size"] / 256, eval_images=first["eval_batches"] *
+                  budget["batch_size"])
+    used = [records[f"seed{s}/{name}"] for s in seeds for name, _, _ in run_specs(tasks, 0)]
+    seconds = {k: sum(r["seconds"][k] or 0 for r in used) / len(seeds) for k in ("train_s", "eval_s")}
+    return {"tasks": list(tasks), "seeds": list(seeds), "columns": COLUMNS, "rows": table_rows(tasks),
+            "directions": {m: evaluate.direction(m) for _, m in table_rows(tasks)}, "budget": budget,
+            "seconds_per_seed": seconds, "table": over_seeds(per_seed), "differences": differences(per_seed, tasks),
+            "per_seed": per_seed}
 
 
 def format_markdown(results):
-    """results.md: the comparison table, its summary rows and what each row means."""
-    cols, b, mi = list(results["columns"]), results["budget"], results["mi"]
-    cell = lambda v, spec: "—" if v is None else format(v, spec)
-    row = lambda label, metric, cells: f"| {label} | {metric} | " + " | ".join(cells) + " |"
+    """results.md: the comparison table (mean ± std over seeds), the gains over the mean predictor, the differences
+    and whether each exceeds the spread, and what each row means."""
+    cols, b, table, n = list(results["columns"]), results["budget"], results["table"], len(results["seeds"])
+
+    def cell(s, spec):  # a spread as "mean ± std"
+        if s is None:
+            return "—"
+        return format(s["mean"], spec) + ("" if s["std"] is None else " ± " + format(s["std"], spec.lstrip("+")))
+
+    row = lambda label, metric, cells: f"| {label} | {metric} | " + " | ".join(cells) + " |"  # noqa: E731
+    seeds = ", ".join(map(str, results["seeds"]))
     lines = ["# Mod-Squad in miniature (synthetic Taskonomy-style scenes)", "",
              f"Every model: {b['steps']} steps of {b['batch_size']} images, lr {b['lr']:.2e} (blr {b['blr']} x "
-             f"{b['batch_size']}/256, {b['warmup_steps']} warm-up steps, then cosine), seed {b['seed']}, "
-             f"{b['img_size']} px, preset `{b['preset']}`; all scored on the same validation images. "
-             "Nothing is tuned per model.", "",
-             "Wall time of the runs (the last time each was trained or evaluated): training "
-             f"{sum(s['train_s'] or 0 for s in results['seconds'].values()) / 60:.1f} min, evaluation "
-             f"{sum(s['eval_s'] or 0 for s in results['seconds'].values()) / 60:.1f} min.", "",
+             f"{b['batch_size']}/256, {b['warmup_steps']} warm-up steps, then cosine); all scored on the same "
+             f"{b['eval_images']} validation scenes of their seed. Nothing is tuned per model. Each cell: mean ± "
+             f"standard deviation over {n} seed{'s' if n > 1 else ''} ({seeds}); a seed sets the scenes, the "
+             "initialisation and the data order.", "",
+             f"Wall time per seed (all {len(run_specs(results['tasks'], 0))} runs, the last time each was trained "
+             f"or evaluated): training {results['seconds_per_seed']['train_s'] / 60:.1f} min, evaluation "
+             f"{results['seconds_per_seed']['eval_s'] / 60:.1f} min.", "",
              row("task", "metric", [results["columns"][c] for c in cols]), "|" + "---|" * (len(cols) + 2)]
-    for t in results["tasks"]:
-        lines.append(row(t, f"{results['primary'][t]} {results['directions'][t]}",
-                         [cell(results["values"][c][t], ".4f") for c in cols]))
-    summary = [
-        ("**Δm (%)** vs single-task", "↑", results["delta_m"], "+.2f"),
-        *([("Δm (%), normal by mean angle", "↑", results["delta_m_normal_by_angle"], "+.2f")]
-          if results.get("delta_m_normal_by_angle") else []),
-        ("params (M), serving all tasks", "", {c: v / 1e6 for c, v in results["params_all_tasks"].items()}, ".3f"),
-        ("params (M), serving one task", "", {c: v / 1e6 for c, v in results["params_one_task"].items()}, ".3f"),
-        ("active MACs per task pass (M)", "", {c: v / 1e6 for c, v in results["macs"].items()}, ".2f"),
-        (f"kept experts per MoE layer (of {results['experts_mean']:g})", "", results["kept_experts_mean"], ".2f"),
-        ("I(T;E) per MoE layer, mean (nats)", "", {c: m["mean"] for c, m in mi.items()}, ".4f"),
-        ("its bound log min(T,E), mean (nats)", "", {c: m["bound_mean"] for c, m in mi.items()}, ".4f"),
-    ]
-    for label, metric, values, spec in summary:
-        lines.append(row(label, metric, [cell(values.get(c), spec) for c in cols]))
+    for t, m in results["rows"]:
+        lines.append(row(t, f"{m} {results['directions'][m]}", [cell(table["values"][c][f"{t} {m}"], ".4f")
+                                                                for c in cols]))
+    summary = [("**Δm (%)** vs single-task", "↑", table["delta_m"], "+.2f", 1),
+               *([("**Δm (%)**, normal by mean angle", "↑", table["delta_m_normal_by_angle"], "+.2f", 1)]
+                 if table.get("delta_m_normal_by_angle") else []),
+               ("params (M), serving all tasks", "", table["params_all_tasks"], ".3f", 1e-6),
+               ("params (M), serving one task", "", table["params_one_task"], ".3f", 1e-6),
+               ("active MACs per task pass (M)", "", table["macs"], ".2f", 1e-6),
+               ("kept experts per MoE layer", "", table["kept_experts_mean"], ".2f", 1),
+               ("I(T;E) per MoE layer, mean (nats)", "", table["mi"], ".4f", 1),
+               ("its bound log min(T,E), mean (nats)", "", table["mi_bound"], ".4f", 1)]
+    scaled = lambda s, f: None if s is None else {  # noqa: E731
+        "mean": s["mean"] * f, "std": None if s["std"] is None else s["std"] * f}
+    for label, metric, values, spec, factor in summary:
+        lines.append(row(label, metric, [cell(scaled(values.get(c), factor), spec) for c in cols]))
+    gain_cols = [c for c in cols if c in table["gain_over_mean"]]
+    lines += ["", f"Gain over the mean predictor (%; + = better; target >= {TARGET_GAIN:g} on every task):", "",
+              row("task", "metric", [results["columns"][c] for c in gain_cols]), "|" + "---|" * (len(gain_cols) + 2)]
+    for t, m in results["rows"]:
+        lines.append(row(t, m, [cell(table["gain_over_mean"][c][f"{t} {m}"], "+.1f") for c in gain_cols]))
+    lines += ["", "Differences, paired by seed (claimed only when every seed has the same sign and the mean exceeds "
+              "the standard deviation):", "", "| difference | per seed | mean ± std | verdict |", "|---|---|---|---|"]
+    for d in results["differences"]:
+        lines.append(f"| {d['what']} | {', '.join(f'{x:+.2f}' for x in d['per_seed'])} | {cell(d, '+.2f')} | "
+                     f"{d['verdict']} |")
     lines += [
         "",
-        "- Δm = (1/T) Σ_t ±(M_t − M_t,single) / M_t,single × 100, + when higher is better (evaluate.delta_m); "
-        "undefined (—) if a single-task metric is 0.",
+        "- Δm = (1/T) Σ_t ±(M_t − M_t,single) / M_t,single × 100, + when higher is better (evaluate.delta_m), per "
+        "seed against that seed's single-task models; undefined (—) if a single-task metric is 0.",
         "- mean predictor: every task predicts its mean training target whatever the image (evaluate.MeanPredictor, "
-        f"means over {MEAN_BATCHES} training batches), the floor any model must beat; its Δm is how far the "
+        f"means over {b['eval_images']} training scenes), the floor any model must beat; its Δm is how far the "
         "single-task models are above it (negative: they beat it).",
         "- params, heads included: single-task = the sum (all tasks) or the mean (one task) of the T single-task "
         "models; a multi-task model needs all of its parameters even for one task; extracted = the sum or the mean "
@@ -268,47 +397,90 @@ def format_markdown(results):
         "- I(T;E): mutual information between task and expert in the final model, from the soft router "
         "probabilities on the validation images (P(t) uniform), averaged over the MoE layers.",
         "",
-        "Task × expert usage (the fraction of a task's validation tokens that chose each expert, per MoE layer):",
+        f"Task × expert usage of seed {results['seeds'][0]} (the fraction of a task's validation tokens that chose "
+        "each expert, per MoE layer):",
         "", "![Mod-Squad](expert_usage_modsquad.png)", "", "![Mod-Squad w/o MI](expert_usage_modsquad_nomi.png)", ""]
     return "\n".join(lines)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help=f"a tiny budget: {QUICK['steps']} steps, batch "
-                   f"{QUICK['batch_size']}, tasks {QUICK['tasks']} (flags given here win)")
-    p.add_argument("--out", default=None, help="folder of the runs and the table (default runs/reproduce, "
+    p.add_argument("--quick", action="store_true", help=f"a tiny budget: {QUICK['steps']} steps of "
+                   f"{QUICK['batch_size']} images, tasks {QUICK['tasks']}, {QUICK['seeds']} seed, "
+                   f"{QUICK['eval_images']} validation scenes (flags given here win)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
+    p.add_argument("--first-seed", type=int, default=0, help="the seeds are first-seed, first-seed + 1, ...")
+    p.add_argument("--out", default=None, help="folder of the run directories (default runs/reproduce, "
                                                "runs/reproduce_quick with --quick)")
-    p.add_argument("--steps", type=int, default=None, help="training steps of every run (default 400, train.py's)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step of every run (default 32)")
+    p.add_argument("--results", default=None, help="folder of results.json and results.md (default "
+                                                   "results/reproduce; with --quick the --out folder)")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps of every run (default {BUDGET['steps']}, "
+                                                           "train.py's)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"images per step of every run (default "
+                                                                f"{BUDGET['batch_size']})")
+    p.add_argument("--blr", type=float, default=None, help=f"base lr of every run (default {BUDGET['blr']})")
+    p.add_argument("--warmup-steps", type=int, default=None, help=f"warm-up steps (default {BUDGET['warmup_steps']})")
     p.add_argument("--tasks", default=None, help="comma-separated tasks (default: all 13)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-batches", type=int, default=8, help="validation batches (of --batch-size) per evaluation")
+    p.add_argument("--eval-images", type=int, default=None, help=f"validation scenes per evaluation (default "
+                                                                 f"{EVAL_IMAGES}), a multiple of the batch size")
+    p.add_argument("--table-only", action="store_true", help="write the table from the recorded runs, train nothing")
     p.add_argument("--force", action="store_true", help="redo every run instead of reusing finished ones")
     args = p.parse_args(argv)
-    defaults = QUICK if args.quick else dict(steps=400, batch_size=32, tasks=",".join(evaluate.TASKONOMY_TASKS))
+    defaults = {**BUDGET, "tasks": ",".join(evaluate.TASKONOMY_TASKS), "seeds": 3, "eval_images": EVAL_IMAGES,
+                **(QUICK if args.quick else {})}
     for k, v in defaults.items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     # absolute: the subprocesses run in this file's folder
     out = os.path.abspath(args.out or os.path.join("runs", "reproduce_quick" if args.quick else "reproduce"))
+    results_dir = os.path.abspath(args.results or (out if args.quick else os.path.join("results", "reproduce")))
     tasks = [t for t in evaluate.TASKONOMY_TASKS if t in args.tasks.split(",")]  # the official order
     unknown = set(args.tasks.split(",")) - set(tasks)
     if unknown or len(tasks) < 2:
         p.error(f"--tasks: need at least 2 of {', '.join(evaluate.TASKONOMY_TASKS)} (unknown: {sorted(unknown)})")
+    if args.seeds < 1 or args.eval_images % args.batch_size or args.eval_images < args.batch_size:
+        p.error(f"need --seeds >= 1 and --eval-images a multiple of --batch-size {args.batch_size}")
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    eval_batches = args.eval_images // args.batch_size
+    os.makedirs(results_dir, exist_ok=True)
+    results_path = os.path.join(results_dir, "results.json")
+    records = {} if args.force or not os.path.exists(results_path) else read_json(results_path)["records"]
+
+    def save(**extra):
+        write_json({"records": dict(sorted(records.items())), **extra}, results_path)
 
     t0 = time.time()
-    specs = run_specs(tasks)
-    for i, (name, settings, eval_flags) in enumerate(specs):
-        print(f"[{i + 1}/{len(specs)}] ", end="")
-        train_and_evaluate(out, name, settings, eval_flags, args)
-    for run in MOE_RUNS:
-        shutil.copyfile(os.path.join(out, run, "expert_usage.png"), os.path.join(out, f"expert_usage_{run}.png"))
-    results = build_results(out, tasks)
+    specs = run_specs(tasks, eval_batches)
+    budget = {k: getattr(args, k) for k in BUDGET}
+    # Mod-Squad first, on every seed, then its ablations, then the single-task runs: a study stopped early has the
+    # default run's spread over the seeds first
+    for i, (name, settings, eval_flags) in enumerate(specs[::-1]):
+        for s in seeds:
+            key = f"seed{s}/{name}"
+            expected = run_settings(budget, s, settings)
+            recorded = records.get(key)
+            if args.table_only or (recorded and recorded["settings"] == expected
+                                   and recorded["eval_batches"] == eval_batches):
+                continue
+            print(f"[{i + 1}/{len(specs)}, seed {s}] ", end="")
+            run_dir = os.path.join(out, f"seed{s}", name)
+            train_and_evaluate(run_dir, name, expected, eval_flags, eval_batches, args.force)
+            records[key] = run_record(run_dir, expected, eval_batches)
+            save()
+    for run in MOE_RUNS:  # the heatmaps of the first seed
+        usage = os.path.join(out, f"seed{seeds[0]}", run, "expert_usage.png")
+        if os.path.exists(usage):
+            shutil.copyfile(usage, os.path.join(results_dir, f"expert_usage_{run}.png"))
+    complete = [s for s in seeds if all(f"seed{s}/{name}" in records for name, _, _ in specs)]
+    if not complete:
+        sys.exit(f"no seed of {seeds} has all {len(specs)} runs recorded in {results_path}; run without --table-only")
+    if complete != seeds:
+        print(f"seeds {sorted(set(seeds) - set(complete))} are incomplete: the table has seeds {complete}")
+    results = build_results(records, tasks, complete)
     markdown = format_markdown(results)
-    write_json(results, os.path.join(out, "results.json"))
-    with open(os.path.join(out, "results.md"), "w") as f:
+    save(results={k: v for k, v in results.items() if k != "per_seed"}, per_seed=results["per_seed"])
+    with open(os.path.join(results_dir, "results.md"), "w") as f:
         f.write(markdown)
-    print(f"\n{markdown}\nwrote {out}/results.md and results.json in {(time.time() - t0) / 60:.1f} min")
+    print(f"\n{markdown}\nwrote {results_dir}/results.md and results.json in {(time.time() - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":

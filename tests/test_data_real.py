@@ -8,10 +8,11 @@ import pytest
 import scipy.io
 import scipy.ndimage
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from data import (NYU_NORMAL_CLASSES, PASCAL_TASKS, TASKONOMY_TASKS, PascalContextDataset, TaskonomyDataset,
-                        read_split_csv, thin)
+                        cv2_resize, cv2_zoom, read_split_csv, thin)
 
 DENSE = [n for n, _, kind in TASKONOMY_TASKS if kind == "dense"]
 
@@ -144,18 +145,21 @@ def test_split_csv_any_line_ending(tmp_path, newline):
     assert read_split_csv(csv, "test") == ["pomaria"]
 
 
-def test_taskonomy_split_csv_skips_official_buildings_and_names_absent_ones(tmp_path):
+def test_taskonomy_split_csv_skips_official_buildings_and_names_absent_ones(tmp_path, capsys):
     data = tmp_path / "data"
-    for b in ("hanson", "woodbine"):
+    for b in ("hanson", "woodbine", "gough"):
         _taskonomy_view(data, b, 1, 0)
-    csv = tmp_path / "split.csv"
-    csv.write_bytes(b"id,train,val,test\rhanson,1,0,0\rwoodbine,1,0,0\rmerom,0,1,0\r")
+    csv = tmp_path / "train_val_test_fullplus.csv"
+    csv.write_bytes(b"id,train,val,test\rhanson,1,0,0\rwoodbine,1,0,0\rmerom,0,1,0\rgough,1,0,0\r")
     ds = TaskonomyDataset(data, split="train", tasks=["normal"], split_csv=csv)
-    assert {b for b, _, _ in ds.views} == {"hanson"}  # woodbine is always skipped
-    with pytest.raises(FileNotFoundError, match="merom"):
-        TaskonomyDataset(data, split="trainval", tasks=["normal"], split_csv=csv)
-    ds = TaskonomyDataset(data, split="trainval", tasks=["normal"], split_csv=csv, allow_missing_buildings=True)
+    # woodbine is always skipped, gough is in fullplus's new_list; nothing is absent, so no warning
+    assert {b for b, _, _ in ds.views} == {"hanson"} and capsys.readouterr().err == ""
+    with pytest.raises(FileNotFoundError, match="1 of the 2 buildings .* incomplete .*: 1 absent \\(e.g. merom\\)"):
+        TaskonomyDataset(data, split="trainval", tasks=["normal"], split_csv=csv, require_all_buildings=True)
+    ds = TaskonomyDataset(data, split="trainval", tasks=["normal"], split_csv=csv)
     assert len(ds) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: 1 of the 2 buildings") and "merom" in err
 
 
 def test_taskonomy_errors_name_the_problem(tmp_path):
@@ -310,7 +314,7 @@ def test_pascal_errors_name_the_problem(tmp_path):
     # semseg/VOC12 is preferred, semseg/pascal-context is the fallback; neither is an error naming both
     os.makedirs(tmp_path / "semseg" / "pascal-context")
     os.rename(tmp_path / "semseg" / "VOC12" / "b.png", tmp_path / "semseg" / "pascal-context" / "b.png")
-    ds = PascalContextDataset(tmp_path, tasks=["semseg"], img_size=12)
+    ds = PascalContextDataset(tmp_path, tasks=["semseg"], img_size=12, augment=False)
     assert ds[1][1]["semseg"][0, 0] == 15
     os.remove(tmp_path / "semseg" / "pascal-context" / "b.png")
     with pytest.raises(FileNotFoundError, match="semseg/VOC12/b.png nor semseg/pascal-context/b.png"):
@@ -331,3 +335,133 @@ def test_thin_matches_skimage_and_normal_classes_match_mtl_pytorch():
     # 169 NYU names shared with PASCAL-Context (not 'unknown' = 431) plus tvmonitor = 427; sky = 360 is not one
     assert len(NYU_NORMAL_CLASSES) == 170 and 427 in NYU_NORMAL_CLASSES and 440 in NYU_NORMAL_CLASSES
     assert 431 not in NYU_NORMAL_CLASSES and 360 not in NYU_NORMAL_CLASSES
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PASCAL-Context geometry as MTL-PyTorch's cv2 calls compute it, against numpy transcriptions of OpenCV's resize.cpp
+
+
+def _cv2_taps(n_out, n_in):
+    """OpenCV resize's source position per output pixel: fx = (float)((dx + 0.5) * scale - 0.5), scale = 1 / (n_out /
+    n_in) in double; sx = floor(fx), t = fx - sx in float32."""
+    fx = ((np.arange(n_out) + 0.5) * (1 / (n_out / n_in)) - 0.5).astype(np.float32)
+    sx = np.floor(fx).astype(np.int64)
+    return sx, (fx - sx).astype(np.float32)
+
+
+def _cv2_cubic(img, h, w):
+    """cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC) of a float32 (H, W, C) image: interpolateCubic's
+    coefficients (A = -0.75, float32, the last as 1 - the others), taps sx-1..sx+2 clamped to the border (replicate),
+    rows first (HResizeCubic), then columns (VResizeCubic)."""
+    def weights(n_out, n_in):
+        sx, t = _cv2_taps(n_out, n_in)
+        A = np.float32(-0.75)
+        c0 = ((A * (t + 1) - 5 * A) * (t + 1) + 8 * A) * (t + 1) - 4 * A
+        c1 = ((A + 2) * t - (A + 3)) * t * t + 1
+        c2 = ((A + 2) * (1 - t) - (A + 3)) * (1 - t) * (1 - t) + 1
+        return np.clip(sx[:, None] + np.arange(-1, 3), 0, n_in - 1), np.stack([c0, c1, c2, 1 - c0 - c1 - c2], 1)
+    (ri, rw), (ci, cw) = weights(h, img.shape[0]), weights(w, img.shape[1])
+    rows = (img[:, ci] * cw[None, :, :, None]).sum(2, dtype=np.float32)  # (H, w, C)
+    return (rows[ri] * rw[:, :, None, None]).sum(1, dtype=np.float32)  # (h, w, C)
+
+
+def _cv2_linear(img, h, w):
+    """cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR) of a float32 (H, W, C) image: sx < 0 -> (0, t = 0),
+    sx >= n - 1 -> (n - 1, t = 0), two taps."""
+    def weights(n_out, n_in):
+        sx, t = _cv2_taps(n_out, n_in)
+        t = np.where((sx < 0) | (sx >= n_in - 1), 0, t).astype(np.float32)
+        sx = np.clip(sx, 0, n_in - 1)
+        return np.stack([sx, np.minimum(sx + 1, n_in - 1)], 1), np.stack([1 - t, t], 1)
+    (ri, rw), (ci, cw) = weights(h, img.shape[0]), weights(w, img.shape[1])
+    rows = (img[:, ci] * cw[None, :, :, None]).sum(2)
+    return (rows[ri] * rw[:, :, None, None]).sum(1)
+
+
+def _cv2_nearest(img, h, w):
+    """cv2.resize(img, (w, h), interpolation=cv2.INTER_NEAREST), resizeNN: sx = cvFloor(x * ifx), ifx = 1. / fx."""
+    ify, ifx = 1.0 / (h / img.shape[0]), 1.0 / (w / img.shape[1])
+    rows = [min(math.floor(y * ify), img.shape[0] - 1) for y in range(h)]
+    cols = [min(math.floor(x * ifx), img.shape[1] - 1) for x in range(w)]
+    return img[rows][:, cols]
+
+
+def _pascal_style_image(H, W, seed=0):
+    """uint8 (H, W, 3): random flat 4-px blocks (sharp edges, all of 0..255, so cubic overshoots past both ends)."""
+    blocks = np.random.default_rng(seed).integers(0, 256, (H // 4 + 1, W // 4 + 1, 3))
+    return np.kron(blocks, np.ones((4, 4, 1)))[:H, :W].astype(np.uint8)
+
+
+@pytest.mark.parametrize("hw", [(375, 500), (333, 500), (500, 375), (600, 800)])
+def test_pascal_test_time_image_resize_matches_mtl_pytorch_within_one_level(hw):
+    """MTL-PyTorch's test-time image: cv2.resize(float image, (512, 512), INTER_CUBIC), then astype(np.uint8) in
+    ToTensor (truncation; I clip first where numpy would wrap). VOC sizes are upscaled, 600x800 is downscaled
+    without antialiasing. The loader's float values match to 2e-3, its 8-bit levels within 1 (issue: within 2)."""
+    img = _pascal_style_image(*hw)
+    x = torch.from_numpy(img).permute(2, 0, 1).float()
+    ours = cv2_resize(x, (512, 512), "cubic").permute(1, 2, 0).numpy()
+    ref = _cv2_cubic(img.astype(np.float32), 512, 512)
+    np.testing.assert_allclose(ours, ref, atol=1e-3)
+    # torch's own bicubic (a = -0.75, half-pixel centres, replicated border) agrees: an independent kernel
+    torch_bicubic = F.interpolate(x[None], (512, 512), mode="bicubic", align_corners=False)[0].permute(1, 2, 0)
+    np.testing.assert_allclose(torch_bicubic.numpy(), ref, atol=2e-3)
+    assert ref.min() < -1 and ref.max() > 256  # overshoot past both ends: the clipping is exercised
+    # 8-bit: a float rounding can only move a value that is an integer in exact arithmetic across the truncation
+    levels = np.abs(np.floor(np.clip(ours, 0, 255)) - np.clip(ref, 0, 255).astype(np.uint8))
+    assert levels.max() <= 1 and levels.mean() < 0.02
+
+
+def test_pascal_label_and_prediction_resizes_match_cv2():
+    """Labels: INTER_NEAREST (dtype kept, cv2's float64 source index); predictions back to native size:
+    INTER_LINEAR (INTER_AREA for an exact 2x shrink, as cv2 switches)."""
+    labels = np.random.default_rng(1).integers(0, 21, (372, 500)).astype(np.uint8)  # 372: cv2 != exact floor there
+    for h, w in ((512, 512), (300, 700)):
+        ours = cv2_resize(torch.from_numpy(labels)[None], (h, w), "nearest")[0]
+        assert ours.dtype == torch.uint8 and (ours.numpy() == _cv2_nearest(labels, h, w)).all()
+    pred = np.random.default_rng(2).random((512, 512, 3), dtype=np.float32) * 255
+    for h, w in ((375, 500), (500, 333), (700, 600)):
+        ours = cv2_resize(torch.from_numpy(pred).permute(2, 0, 1), (h, w), "linear").permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(ours, _cv2_linear(pred, h, w), atol=1e-3)
+    ours = cv2_resize(torch.from_numpy(pred).permute(2, 0, 1), (256, 256), "linear").permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(ours, pred.reshape(256, 2, 256, 2, 3).mean((1, 3)), atol=1e-3)
+
+
+def test_pascal_train_zoom_is_cv2_warp_affine_about_the_centre():
+    """ScaleNRotate's zoom: dst(x) = src((x - c) / s + c) with c = (W/2, H/2), zeros outside (nearest and cubic)."""
+    H, W, s = 30, 40, 1.3
+    src = torch.arange(H * W, dtype=torch.float32).view(1, H, W) % 251 + 1  # no zeros inside
+    out = cv2_zoom(src, s, "nearest")[0]
+    rows = np.floor((np.arange(H) - H / 2) / s + H / 2 + 0.5).astype(int)  # nearest source (no exact ties here)
+    cols = np.floor((np.arange(W) - W / 2) / s + W / 2 + 0.5).astype(int)
+    torch.testing.assert_close(out, src[0][rows][:, cols])
+    # a zoom-out pads with zeros; the cubic zoom keeps a constant constant away from the border
+    small = cv2_zoom(torch.full((1, H, W), 7.0), 0.5, "cubic")[0]
+    assert (small[:5] == 0).all() and (small[:, :8] == 0).all()
+    torch.testing.assert_close(small[H // 2 - 3:H // 2 + 3, W // 2 - 4:W // 2 + 4], torch.full((6, 8), 7.0))
+
+
+def test_pascal_seeded_augmentation_is_the_same_in_any_process(tmp_path):
+    """dataset[(index, seed)] draws flip and scale from a generator seeded with seed, whatever the global RNG and
+    the worker; dataset[index] keeps drawing from torch's global RNG."""
+    _pascal(tmp_path, size=32)
+    ds = PascalContextDataset(tmp_path, img_size=24, augment=True)
+
+    def same(a, b):
+        return torch.equal(a[0], b[0]) and a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k])
+                                                                             for k in a[1])
+
+    torch.manual_seed(0)
+    first = ds[(0, 7)]
+    torch.manual_seed(1)
+    torch.rand(3)
+    assert same(ds[(0, 7)], first)
+    worker = next(iter(torch.utils.data.DataLoader(ds, batch_sampler=[[(0, 7)]], num_workers=1)))
+    assert torch.equal(worker[0][0], first[0]) and torch.equal(worker[1]["semseg"][0], first[1]["semseg"])
+    draws = [ds[(0, seed)] for seed in range(12)]
+    distinct = {tuple(d[0].flatten().tolist()) for d in draws}
+    flipped = {bool(d[0][0, 12, :12].mean() > d[0][0, 12, 12:].mean()) for d in draws}  # white half moved left
+    assert len(distinct) >= 10 and flipped == {True, False}
+    torch.manual_seed(3)
+    a = ds[0]
+    torch.manual_seed(3)
+    assert same(ds[0], a) and not same(ds[0], a)  # the global stream: reproducible, and it moves on

@@ -211,6 +211,20 @@ def test_every_task_varies_across_scenes_and_pixels():
                 assert y.flatten(1).std(1).max() > 0, name
 
 
+def test_cache_renders_each_scene_once_and_returns_the_same_sample(monkeypatch):
+    """cache=True: a second read of a sample renders nothing and gives exactly the uncached sample."""
+    cached = data.SyntheticScenes("train", 8, cache=True)
+    first = cached[3]
+    renders = []
+    real_render = data.render_scene
+    monkeypatch.setattr(data, "render_scene", lambda *a, **k: renders.append(1) or real_render(*a, **k))
+    again, fresh = cached[3], TASKONOMY[3]
+    assert len(renders) == 1  # only the uncached dataset rendered
+    for image, targets in (again, fresh):
+        assert torch.equal(image, first[0]) and targets.keys() == first[1].keys()
+        assert all(torch.equal(targets[k], first[1][k]) for k in targets)
+
+
 def test_samples_collate_into_batches():
     """Every sample has the same keys and shapes, so torch's default collate batches them."""
     images, targets = next(iter(torch.utils.data.DataLoader(PASCAL, batch_size=8)))

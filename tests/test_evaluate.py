@@ -115,18 +115,22 @@ def test_cli_extract_writes_extraction_report(tiny_cfg, tmp_path):
 
 
 def test_mean_predictor_predicts_the_masked_mean_target():
-    """The floor every model must beat: the per-pixel mean of the training targets, masked pixels left out."""
+    """The floor every model must beat: the per-pixel mean of the training targets, masked pixels left out (but not
+    for depth, whose loss trains every pixel)."""
     from evaluate import MeanPredictor
     from modsquad import ModSquadConfig
 
-    cfg = ModSquadConfig(img_size=8, patch_size=4, tasks=(("depth_euclidean", 1, "dense"), ("semseg", 3, "dense")))
-    depth = torch.tensor([0.2, 0.4, 0.9]).view(3, 1, 1, 1).expand(3, 1, 8, 8)
+    cfg = ModSquadConfig(img_size=8, patch_size=4, tasks=(("segment_unsup2d", 1, "dense"), ("semseg", 3, "dense"),
+                                                          ("depth_euclidean", 1, "dense")))
+    value = torch.tensor([0.2, 0.4, 0.9]).view(3, 1, 1, 1).expand(3, 1, 8, 8)
     mask = torch.tensor([True, True, False]).view(3, 1, 1, 1).expand(3, 1, 8, 8)
     semseg = torch.tensor([0, 2, 255]).view(3, 1, 1).expand(3, 8, 8)
-    predictor = MeanPredictor(cfg, [(None, {"depth_euclidean": depth, "depth_euclidean_mask": mask, "semseg": semseg})])
+    predictor = MeanPredictor(cfg, [(None, {"segment_unsup2d": value, "segment_unsup2d_mask": mask, "semseg": semseg,
+                                            "depth_euclidean": value, "depth_euclidean_mask": mask})])
     pred, routings = predictor(torch.zeros(2, 3, 8, 8), 0)
     assert pred.shape == (2, 1, 8, 8) and routings == []
     torch.testing.assert_close(pred, torch.full((2, 1, 8, 8), 0.3))
+    torch.testing.assert_close(predictor(torch.zeros(2, 3, 8, 8), 2)[0], torch.full((2, 1, 8, 8), 0.5))
     logits, _ = predictor(torch.zeros(1, 3, 8, 8), 1)  # classes 0 and 2 seen once each, class 1 never
     assert logits[0, 0, 0, 0] == logits[0, 2, 0, 0] > logits[0, 1, 0, 0]
 

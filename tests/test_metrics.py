@@ -30,11 +30,13 @@ def test_loss_is_zero_for_perfect_taskonomy_prediction(name):
     assert task_loss(name, target.clone(), target).item() == pytest.approx(0, abs=1e-4)  # 1-cos has eps 1e-6
 
 
-def test_l1_with_mask_ignores_masked_pixels():
+def test_l1_with_mask_ignores_masked_pixels_but_depth_scores_every_pixel():
     target = torch.zeros(1, 1, 2, 2)
     pred = torch.tensor([[[[0.5, 100.0], [0.5, 100.0]]]])
     mask = torch.tensor([[[[True, False], [True, False]]]])
-    assert task_loss("depth_zbuffer", pred, target, mask).item() == pytest.approx(0.5)
+    assert task_loss("edge_texture", pred, target, mask).item() == pytest.approx(0.5)
+    # depth trains on missing depth too, as the official loss: the official metrics score every pixel
+    assert task_loss("depth_zbuffer", pred, target, mask).item() == pytest.approx(50.25)
 
 
 def test_cosine_loss_of_orthogonal_normals_is_one():

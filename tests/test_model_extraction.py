@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import torch
 
 from modsquad import ModSquad, ModSquadConfig, count_params_flops, expert_usage, extract
@@ -41,6 +43,28 @@ def test_extraction_keeps_experts_above_threshold_and_at_least_k(tiny_cfg):
     assert torch.equal(small.task_embed[0], model.task_embed[2])
     # the task's whole router is kept: softmax over all 8 original experts
     assert small.moe_layers[0].router.w_gate.shape == (1, 8, tiny_cfg.embed_dim)
+    # fewer than K above the threshold: keep the K most used (not the first K); "more than": usage 0 at threshold 0
+    usage = [torch.tensor([0.0, 0.02, 1.96, 0.0, 0.0, 0.0, 0.02, 0.0]), torch.tensor([0.5, 0, 0, 0.5, 0, 0.5, 0, 0.5])]
+    small = extract(model, 2, usage, threshold=0.03)
+    assert small.cfg.kept_experts[0] in ((1, 2), (2, 6))
+    assert extract(model, 2, usage, threshold=0.0).cfg.kept_experts == ((1, 2, 6), (0, 3, 5, 7))
+    # extracting again from an extracted model: kept_experts still names the original experts
+    again = extract(small, 0, [torch.tensor([0.0, 2.0]), torch.tensor([0.0, 1.0, 0.0, 1.0])], threshold=0.03)
+    assert again.cfg.kept_experts == (small.cfg.kept_experts[0], (3, 7))
+    assert torch.equal(again.moe_layers[1].w_in, model.moe_layers[1].w_in[[3, 7]])
+
+
+def test_expert_usage_pools_the_tokens_of_all_batches_in_eval_mode(tiny_cfg):
+    """expert_usage counts every token of every batch once (batches of different sizes, images or (images, targets)
+    pairs), routes as the model in eval mode (no drop-path, no gating noise), and leaves the model's mode as it was."""
+    model = ModSquad(replace(tiny_cfg, drop_path=0.5, noisy_gating=True)).train()
+    a, b = torch.randn(3, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    usage = expert_usage(model, [(a, {"depth_euclidean": None}), b], task=1)
+    assert model.training
+    with torch.no_grad():
+        _, routings = model.eval()(torch.cat([a, b]), 1)
+    for u, r in zip(usage, routings):
+        torch.testing.assert_close(u, torch.bincount(r.topk_idx.flatten(), minlength=8) / r.topk_idx.shape[0])
 
 
 def test_extracted_model_saves_and_loads_like_any_model(tiny_cfg, tmp_path):

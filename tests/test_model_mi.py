@@ -52,3 +52,22 @@ def test_mi_loss_gradient_increases_specialisation():
     with torch.no_grad():
         after = mi(logits - 10.0 * logits.grad)
     assert after > 1.02 * before
+
+
+def test_mi_loss_gradient_is_finite_where_a_task_never_uses_an_expert():
+    """P(t,e) = 0 happens: a softmax underflows once a task has specialised. There L_MI is defined (0 log 0 = 0) and
+    its gradient must stay finite, or one such entry turns the whole step's gradients into NaN (as xlogy or
+    torch.where would). Elsewhere the gradient is the analytic dL/dP(t,e) = 1 - log[P(t,e) / (P(t)P(e))]."""
+    p_te = torch.tensor([[0.30, 0.20, 0.0], [0.0, 0.10, 0.40]], dtype=torch.float64, requires_grad=True)
+    loss = mutual_information_loss(p_te)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(p_te.grad).all()
+    p = p_te.detach()
+    ratio = p / (p.sum(1, keepdim=True) * p.sum(0, keepdim=True))
+    nz = p > 0
+    torch.testing.assert_close(loss, -(p[nz] * ratio[nz].log()).sum())
+    torch.testing.assert_close(p_te.grad[nz], 1 - ratio[nz].log())
+    # and from router probabilities with exact zeros, through task_expert_joint
+    logits = torch.tensor([[[0.0, 1.0, -1e4]], [[-1e4, 0.5, 0.0]]], requires_grad=True)  # (T, tokens, E)
+    mutual_information_loss(task_expert_joint(list(logits.softmax(-1)))).backward()
+    assert torch.isfinite(logits.grad).all()

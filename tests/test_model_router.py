@@ -29,8 +29,10 @@ def test_router_computes_in_at_least_float32():
     torch.testing.assert_close(r.probs, (x @ router.w_gate[1].t()).softmax(-1), rtol=1e-14, atol=1e-15)
     r = router.float()(x.to(torch.bfloat16), 1)
     assert r.probs.dtype == r.gates.dtype == torch.float32
+    plain = router(x.float(), 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert router(x.float(), 1).probs.dtype == torch.float32
+        r = router(x.float(), 1)
+    assert r.probs.dtype == torch.float32 and torch.equal(r.probs, plain.probs)  # bf16 logits would differ
 
 
 def test_router_depends_on_task():
@@ -65,3 +67,32 @@ def test_forward_returns_routing_and_stores_nothing(tiny_cfg):
     assert all(torch.equal(a.topk_idx, b.topk_idx) for a, b in zip(r1, r2))
     assert set(vars(model.blocks[0].attn)) == attrs
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_router_routes_each_task_block_with_its_own_router():
+    """x of T contiguous row blocks and a list of T tasks: block t is routed as task[t] alone would route it."""
+    torch.manual_seed(0)
+    router = TaskRouter(dim=16, num_experts=8, top_k=2, num_tasks=3).double()
+    blocks = [torch.randn(20, 16, dtype=torch.float64) for _ in range(3)]
+    together = router(torch.cat(blocks), [2, 0, 1])
+    for i, (block, task) in enumerate(zip(blocks, [2, 0, 1])):
+        alone, rows = router(block, task), slice(20 * i, 20 * (i + 1))
+        assert torch.equal(together.topk_idx[rows], alone.topk_idx)
+        torch.testing.assert_close(together.probs[rows], alone.probs, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(together.gates[rows], alone.gates, rtol=1e-12, atol=1e-14)
+
+
+def test_kept_router_softmaxes_over_all_experts_and_chooses_among_the_kept():
+    """After keep_ (extraction): the softmax still covers every original expert (probs unchanged), top-k is taken
+    among the kept experts only, topk_idx are positions in expert_ids, and the gates are those experts' π + 1e-4."""
+    torch.manual_seed(0)
+    router = TaskRouter(dim=16, num_experts=8, top_k=2, num_tasks=3)
+    x = torch.randn(50, 16)
+    full = router(x, 1)
+    kept = torch.tensor([1, 4, 6])
+    router.keep_(1, kept)
+    r = router(x, 0)
+    assert torch.equal(r.probs, full.probs)
+    assert r.topk_idx.min() >= 0 and r.topk_idx.max() < len(kept)
+    assert torch.equal(r.topk_idx, full.probs[:, kept].topk(2).indices)
+    assert torch.equal(r.gates, full.probs[:, kept].topk(2).values + 1e-4)

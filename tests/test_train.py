@@ -2,6 +2,7 @@
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
 
@@ -51,10 +52,30 @@ def test_default_configuration_learns(tmp_path):
     out = str(tmp_path / "run")
     run("train.py", "--steps", "40", "--warmup-steps", "4", "--blr", "0.064", "--out-dir", out, "--no-final-eval",
         *flags(tasks="depth_euclidean,normal,segment_unsup25d"))
-    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    log = [r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "task_losses" in r]
     first = sum(sum(r["task_losses"].values()) for r in log[:5])
     last = sum(sum(r["task_losses"].values()) for r in log[-5:])
     assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.slow
+def test_default_run_beats_the_mean_predictor_by_10_percent_on_every_task(tmp_path):
+    """`python train.py` as a user runs it (the default recipe), on a seed no README number comes from: on every one
+    of the 13 tasks the primary metric (normal: mean angle) beats the mean predictor by >= 10 % relative. About 10
+    minutes on 2 free cores."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "train.py", "--out-dir", str(out), "--seed", "123"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=3600, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((out / "metrics_val.json").read_text())
+    mean = json.loads((out / "mean_predictor_val.json").read_text())
+    assert len(saved["metrics"]) == 13
+    gains = {}
+    for task, metrics in saved["metrics"].items():
+        metric = "mean_angle_deg" if task == "normal" else saved["primary"][task]
+        sign = 1 if saved["directions"][metric] == "↑" else -1
+        gains[task] = sign * (metrics[metric] - mean[task][metric]) / mean[task][metric] * 100
+    assert min(gains.values()) >= 10, gains
 
 
 @pytest.mark.parametrize("overrides", [dict(no_moe=True), dict(tasks="normal"), dict(mi_weight="0"),
@@ -132,20 +153,6 @@ def test_nan_loss_stops_naming_step_and_task_and_keeps_last_checkpoint(tmp_path,
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
 
 
-def test_ddp_two_processes_match_one_process(tmp_path):
-    """2 gloo processes with half the batch each reach the parameters of 1 process with the whole batch; the MI loss
-    is estimated on the global batch, so it is covered too. The run dir is written once."""
-    # a small lr keeps float-summation differences far from flipping a top-k choice within 3 steps
-    common = ["--steps", "3", "--no-final-eval", "--mi-weight", "1.0", "--blr", "0.008"]
-    run("train.py", "--out-dir", str(tmp_path / "one"), *common, *flags(batch_size="8"))
-    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-        "--out-dir", str(tmp_path / "two"), *common, *flags(batch_size="4"))
-    a, b = params(tmp_path / "one"), params(tmp_path / "two")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    assert len(open(tmp_path / "two" / "log.jsonl").readlines()) == 3
-
-
 @pytest.mark.slow
 def test_dry_run_of_the_vit_b_preset(tmp_path):
     proc = run("train.py", "--recipe", "taskonomy-base", "--dry-run", "--out-dir", str(tmp_path / "run"))
@@ -161,7 +168,12 @@ def test_dry_run_of_the_vit_s_pascal_recipe(tmp_path):
 def run_in_process(monkeypatch, out, *extra):
     monkeypatch.setattr(sys, "argv", ["train.py", "--out-dir", str(out), "--no-final-eval", *FAST, *extra])
     monkeypatch.chdir(ROOT)
-    runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    finally:  # a run stopped by an error leaves its save-on-signal handlers installed: give pytest its own back
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 def test_out_of_memory_suggests_the_batch_size_flag(tmp_path, monkeypatch, capsys):
