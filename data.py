@@ -767,9 +767,10 @@ def read_image(path, sixteen_bit=False):
 
 
 def read_png(path, sixteen_bit=False):
-    """Decode a PNG with libpng (torchvision.io, ~10 % faster than PIL) into a (C, H, W) tensor: uint16 for a 16-bit
-    single-channel file (sixteen_bit=True, anything else refused; int32 under torchvision < 0.21), uint8 otherwise;
-    palette files give their indices, as PIL does. Names the file if it is missing, truncated or corrupt."""
+    """Decode a PNG with libpng (torchvision.io, ~10 % faster than PIL) into a (C, H, W) tensor: for a 16-bit
+    single-channel file (sixteen_bit=True, anything else refused) uint16, or int32 where torch cannot flip uint16
+    (torch < 2.7) or torchvision cannot decode 16 bits (< 0.20: PIL decodes it); uint8 otherwise; palette files give
+    their indices, as PIL does. Names the file if it is missing, truncated or corrupt."""
     try:
         with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for torchcodec); they still work
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -777,14 +778,28 @@ def read_png(path, sixteen_bit=False):
     except RuntimeError as e:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"missing file {path}; re-download it") from None
-        reason = str(e).split(", ")[-1]  # drop libpng's source location
-        raise ValueError(f"cannot decode {path} ({reason}): the file is truncated or corrupt; re-download it") from e
-    sixteen = t.dtype != torch.uint8  # uint16 (torchvision < 0.21: int32)
+        if "8-bit" in str(e):  # torchvision < 0.20 decodes at most 8 bits: PIL (read_image) does the 16-bit files
+            t = torch.from_numpy(np.asarray(read_image(path), dtype=np.int32))[None]
+        else:
+            reason = str(e).split(", ")[-1]  # drop libpng's source location
+            raise ValueError(f"cannot decode {path} ({reason}): the file is truncated or corrupt; re-download it") from e
+    sixteen = t.dtype != torch.uint8  # uint16 (torchvision < 0.21, or PIL: int32)
     if sixteen_bit != sixteen or (sixteen_bit and t.shape[0] != 1):
         # an 8-bit file read as 16-bit would decode 256x too small, and the converse 256x too large
         raise ValueError(f"{path} is a {t.shape[0]}-channel {16 if sixteen else 8}-bit PNG, expected "
                          f"{'a 16-bit single-channel' if sixteen_bit else 'an 8-bit'} PNG; re-download it")
-    return t
+    return t.to(torch.int32) if t.dtype == torch.uint16 and not _UINT16_FLIP else t
+
+
+def _uint16_flips():
+    try:
+        torch.zeros(1, dtype=torch.uint16).flip(0)
+        return True
+    except RuntimeError:  # "flip_cpu" not implemented for 'UInt16' (torch < 2.7)
+        return False
+
+
+_UINT16_FLIP = _uint16_flips()
 
 
 def resize_crop(t, size, top, left, crop, dtype=None):
@@ -815,8 +830,8 @@ def resize_crop(t, size, top, left, crop, dtype=None):
         r0, r1, c0, c1 = max(top - 1, 0), min(top + crop + 1, size), max(left - 1, 0), min(left + crop + 1, size)
         kh, kw = H // size, W // size
         window = t[:, kh * r0:kh * r1, kw * c0:kw * c1]
-    out = torch.nn.functional.interpolate(cast(window)[None], [r1 - r0, c1 - c0], mode="bilinear",
-                                          align_corners=False, antialias=True)[0]
+    # v2's own resize (not F.interpolate): on every torchvision its uint8 path is the one the old loader took
+    out = v2.functional.resize(cast(window), [r1 - r0, c1 - c0], v2.InterpolationMode.BILINEAR, antialias=True)
     return out[:, top - r0:top - r0 + crop, left - c0:left - c0 + crop]
 
 

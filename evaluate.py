@@ -243,6 +243,8 @@ class IoUMeter(Meter):
         self.add(confusion=confusion)
 
     def compute(self):
+        if "confusion" not in self.sums:  # nothing scored, e.g. human_parts on images without a person
+            return {"miou": math.nan}
         confusion = self.sums["confusion"].double()
         tp = confusion.diag()
         # IoU_c = TP / (TP + FP + FN)

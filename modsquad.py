@@ -32,7 +32,7 @@ Contents, in file order (the README's reading guide follows it); each section's 
     8 extraction of a task's experts, and why it is exact   expert_usage, extract
     9 parameters and FLOPs: only the top-k experts count    count_params_flops; then PRESETS, the paper's models
 
-Left out on purpose: ImageNet pre-training (loading pretrained weights is not this file's job), custom CUDA kernels
+Left out on purpose: starting from ImageNet weights (pretrained.py does it: train.py --init), custom CUDA kernels
 (F.grouped_mm is used where it exists), the unused auxiliary losses of the official code (switch, z, cv, top-k loss:
 weight 0 in the Mod-Squad configs).
 """

@@ -4,7 +4,7 @@ one backward.
 
     python train.py                                    # the default: 13 synthetic Taskonomy-like tasks, CPU, minutes
     python train.py --tasks depth_euclidean            # a single-task baseline
-    python train.py --no-moe                           # the dense multi-task baseline (same active FLOPs)
+    python train.py --no-moe                           # the dense multi-task twin (same active FLOPs, no routers)
     python train.py --mi-weight 0                      # Mod-Squad without the MI loss
     python train.py --recipe taskonomy-base --data-root /data/taskonomy   # the paper's ViT-B run (GPUs)
     torchrun --standalone --nproc_per_node=8 train.py --recipe taskonomy-base --data-root /data/taskonomy \
@@ -98,7 +98,7 @@ g.add_argument("--workers", type=int, default=None, help="DataLoader worker proc
                "for synthetic data, else this process's share of the CPU cores less one, at most 16)")
 g = p.add_argument_group("model")
 g.add_argument("--preset", choices=PRESETS, default="tiny", help="model size (modsquad.PRESETS)")
-g.add_argument("--no-moe", action="store_true", help="dense multi-task baseline with the same active FLOPs")
+g.add_argument("--no-moe", action="store_true", help="dense multi-task twin: the same active FLOPs, less the routers'")
 g.add_argument("--mi-weight", type=float, default=None, help="weight of the MI loss (0 = no-MI ablation)")
 g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
 g.add_argument("--head-dim", type=int, default=None, help="attention head width (64 loads ImageNet ViT heads; the "

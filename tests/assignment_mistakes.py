@@ -372,14 +372,6 @@ def grading_commands(readme):
     return {int(n): (expr, int(count)) for n, expr, count in rows}
 
 
-def select(items, expr):
-    """The items that `pytest -k expr` runs (pytest's own matcher; the API exists since pytest 7)."""
-    from _pytest.mark import KeywordMatcher
-    from _pytest.mark.expression import Expression
-    compiled = Expression.compile(expr)
-    return [item.nodeid for item in items if compiled.evaluate(KeywordMatcher.from_item(item))]
-
-
 def collect(exprs):
     """{expr: [nodeids]} as the README's grading commands select them (one pytest collection in a subprocess)."""
     out = subprocess.run([sys.executable, __file__, "--collect", *exprs], cwd=ROOT, capture_output=True, text=True)
@@ -396,27 +388,31 @@ def grade(name, nodeids):
 
 
 class _Recorder:
-    """pytest plugin: the outcome of each test run, and which collected tests each -k expression selects."""
+    """pytest plugin (public hooks only): the outcome of each test run, and the tests a collection selected."""
 
-    def __init__(self, exprs=()):
-        self.exprs, self.outcomes, self.selected = exprs, {}, {}
+    def __init__(self):
+        self.outcomes, self.selected = {}, []
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or report.outcome != "passed":
             self.outcomes[report.nodeid] = report.outcome
 
-    @pytest.hookimpl(trylast=True)  # after the -m "not slow" deselection
-    def pytest_collection_modifyitems(self, items):
-        self.selected = {expr: select(items, expr) for expr in self.exprs}
+    def pytest_collection_finish(self, session):  # after the -k and -m "not slow" deselections
+        self.selected = [item.nodeid for item in session.items]
 
 
 def _main(argv):
     if argv[0] == "--collect":  # as the README's commands collect: the whole suite, with the pytest.ini addopts
-        recorder = _Recorder(argv[1:])
-        code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests")],
-                           plugins=[recorder])
-        print(json.dumps(recorder.selected))
-        return code
+        selected = {}
+        for expr in argv[1:]:  # one collection per expression: pytest itself applies -k
+            recorder = _Recorder()
+            code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "-k", expr,
+                                os.path.join(ROOT, "tests")], plugins=[recorder])
+            if code not in (0, 5):  # 5: nothing selected
+                return code
+            selected[expr] = recorder.selected
+        print(json.dumps(selected))
+        return 0
     name, recorder = argv[0], _Recorder()
     assignment = int(name[len("blank_"):]) if name.startswith("blank_") else {**MISTAKES, **CONTROLS}[name][0]
     nodeids = argv[1:] or collect([grading_commands(open(os.path.join(ROOT, "README.md")).read())[assignment][0]])

@@ -106,6 +106,11 @@ def test_human_parts_miou_skips_images_without_parts():
     assert meter.compute()["miou"] == 1.0
 
 
+def test_miou_of_a_set_with_nothing_to_score_is_nan_not_an_error():
+    """human_parts on evaluation images without any person: every image is skipped, and the mIoU is undefined."""
+    assert math.isnan(IoUMeter(skip_empty=True).compute()["miou"])
+
+
 def test_depth_rmse_in_metres_on_known_pair():
     metres = torch.tensor([1.0, 2.0]).view(1, 1, 1, 2)
     encode = lambda d: torch.log1p(512 * d) / math.log(2 ** 16)
