@@ -610,7 +610,9 @@ def plot_training_curves(log_jsonl_path, path):
 
 
 def _show(ax, name, x, reference):
-    """Draw one prediction or target x of task `name` for one image; `reference` (the target) fixes the colour scale."""
+    """Draw one prediction or target x of task `name` for one image; `reference` fixes the colour scale of a
+    one-channel map (the target's own for a target; a prediction's own for a prediction: an L1-trained map of sparse
+    peaks, such as keypoints, is a low haze on the target's scale, and its own range shows where it peaks)."""
     ax.axis("off")
     if x.dim() == 1:  # image-level task: the top class
         ax.text(0.5, 0.5, f"class {int(x.argmax())}", ha="center", va="center", fontsize=8)
@@ -645,9 +647,11 @@ def plot_predictions(model, batch, path, num_images=3):
         pred = torch.sigmoid(pred) if name in ("saliency", "edge") else pred  # logits -> probabilities
         for i in range(n):
             target = targets[name][i]
-            _show(axes[1 + t, 2 * i], name, pred[i], target)
+            _show(axes[1 + t, 2 * i], name, pred[i], pred[i])
             _show(axes[1 + t, 2 * i + 1], name, target, target)
-            axes[1 + t, 2 * i].set_title(f"{name} pred", fontsize=6)
+            own_scale = pred.dim() == 4 and pred.shape[1] != 3 and name not in ("saliency", "edge", "semseg",
+                                                                                 "human_parts")
+            axes[1 + t, 2 * i].set_title(f"{name} pred" + (" (own scale)" if own_scale else ""), fontsize=6)
             axes[1 + t, 2 * i + 1].set_title("target", fontsize=6)
     model.train(was_training)
     fig.tight_layout()
