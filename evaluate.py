@@ -545,7 +545,8 @@ def format_comparison(results, baseline):
         m = "mean_angle_deg" if task == "normal" else PRIMARY_METRIC[task]
         a, b = metrics[m], baseline[task][m]
         better = a > b if direction(m) == "↑" else a < b
-        rows.append(f"{task:<20} {m + ' ' + direction(m):<15} {a:>9.4f} {b:>10.4f}  {'yes' if better else 'NO'}")
+        verdict = "-  (nothing to score)" if math.isnan(a) or math.isnan(b) else "yes" if better else "NO"
+        rows.append(f"{task:<20} {m + ' ' + direction(m):<15} {a:>9.4f} {b:>10.4f}  {verdict}")
     return "\n".join(rows)
 
 

@@ -332,15 +332,68 @@ def build_results(records, tasks, seeds):
             "per_seed": per_seed}
 
 
+def cell(s, spec):
+    """A spread of spread() as the text "mean ± std" (the mean alone for one seed; "—" for none)."""
+    if s is None:
+        return "—"
+    return format(s["mean"], spec) + ("" if s["std"] is None else " ± " + format(s["std"], spec.lstrip("+")))
+
+
+def default_run_results(records, tasks, seeds):
+    """The default run (the Mod-Squad run of each seed: train.py's defaults) over the given seeds, from its records
+    alone, so that it is known as soon as those runs are, before the rest of the study: per row its metric, the mean
+    predictor's and the gain over it (mean ± std, and the worst seed's), the extracted models' parameters and kept
+    experts, and how far an extracted model's metric is from the full model's; I(T;E) per MoE layer."""
+    runs = [records[f"seed{s}/modsquad"] for s in seeds]
+    rows = []
+    official_normal = ("normal", evaluate.PRIMARY_METRIC["normal"])  # judged by its mean angle instead (table_rows)
+    for t, m in table_rows(tasks):
+        sign = 1 if evaluate.direction(m) == "↑" else -1
+        model = [r["metrics"][t][m] for r in runs]
+        floor = [r["mean_predictor"][t][m] for r in runs]
+        gain = [sign * (a - b) / b * 100 for a, b in zip(model, floor)]  # as seed_results' gain_over_mean
+        small = [r["extracted"][t] for r in runs]
+        rows.append({"task": t, "metric": m, "judged": (t, m) != official_normal, "model": spread(model),
+                     "mean": spread(floor), "gain": spread(gain), "worst_gain": min(gain),
+                     "extracted_params_m": spread([x["params"] / 1e6 for x in small]),
+                     "kept_experts": spread([mean(x["kept_experts"]) for x in small]),
+                     "extracted_vs_full": max(abs(x["metrics"][m] - a) / max(abs(a), 1e-12)
+                                              for x, a in zip(small, model))})
+    return {"seeds": list(seeds), "params": runs[0]["params"], "rows": rows,
+            "misses": [f"{r['task']} {r['metric']}" for r in rows if r["judged"] and r["worst_gain"] < TARGET_GAIN],
+            "mi": spread([mean(r["mi"]["per_layer"]) for r in runs]), "mi_bound": mean(runs[0]["mi"]["bound"])}
+
+
+def format_default_run(d):
+    """The default run's section of results.md."""
+    seeds = ", ".join(map(str, d["seeds"]))
+    lines = [f"## The default run over seeds {seeds}", "",
+             f"`python train.py` (the runs seed<S>/modsquad, {d['params'] / 1e6:.3f} M parameters), scored on the "
+             "validation scenes of its seed; mean ± standard deviation over the seeds. Gain: the relative "
+             "improvement over the mean predictor (+ = better); worst seed: the smallest gain of any seed.", "",
+             "| task | metric | Mod-Squad | mean predictor | gain over the mean (%) | worst seed (%) | "
+             "extracted params (M) | experts kept per MoE layer, mean |", "|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['task']} | {r['metric']} {evaluate.direction(r['metric'])} | {cell(r['model'], '.4f')} | "
+                     f"{cell(r['mean'], '.4f')} | {cell(r['gain'], '+.1f')} | {r['worst_gain']:+.1f} | "
+                     f"{cell(r['extracted_params_m'], '.3f')} | "
+                     f"{cell(r['kept_experts'], '.1f')} |")
+    worst = min((r for r in d["rows"] if r["judged"]), key=lambda r: r["worst_gain"])
+    lines += ["",
+              f"- Target (every task >= {TARGET_GAIN:g} % better than the mean predictor on every seed, normal by "
+              f"its mean angle): " + ("met" if not d["misses"] else "missed by " + ", ".join(d["misses"])) +
+              f"; the smallest margin is {worst['task']}'s, {worst['worst_gain']:+.1f} % on its worst seed.",
+              f"- Extracted models against the full model: the largest relative difference of a metric, over every "
+              f"task and seed, is {max(r['extracted_vs_full'] for r in d['rows']):.1e}.",
+              f"- I(T;E) per MoE layer: {cell(d['mi'], '.3f')} nats, against its bound log min(T, E) = "
+              f"{d['mi_bound']:.3f}.", ""]
+    return "\n".join(lines)
+
+
 def format_markdown(results):
     """results.md: the comparison table (mean ± std over seeds), the gains over the mean predictor, the differences
     and whether each exceeds the spread, and what each row means."""
     cols, b, table, n = list(results["columns"]), results["budget"], results["table"], len(results["seeds"])
-
-    def cell(s, spec):  # a spread as "mean ± std"
-        if s is None:
-            return "—"
-        return format(s["mean"], spec) + ("" if s["std"] is None else " ± " + format(s["std"], spec.lstrip("+")))
 
     row = lambda label, metric, cells: f"| {label} | {metric} | " + " | ".join(cells) + " |"  # noqa: E731
     seeds = ", ".join(map(str, results["seeds"]))
@@ -471,13 +524,23 @@ def main(argv=None):
         if os.path.exists(usage):
             shutil.copyfile(usage, os.path.join(results_dir, f"expert_usage_{run}.png"))
     complete = [s for s in seeds if all(f"seed{s}/{name}" in records for name, _, _ in specs)]
-    if not complete:
-        sys.exit(f"no seed of {seeds} has all {len(specs)} runs recorded in {results_path}; run without --table-only")
-    if complete != seeds:
-        print(f"seeds {sorted(set(seeds) - set(complete))} are incomplete: the table has seeds {complete}")
-    results = build_results(records, tasks, complete)
-    markdown = format_markdown(results)
-    save(results={k: v for k, v in results.items() if k != "per_seed"}, per_seed=results["per_seed"])
+    default_seeds = [s for s in seeds if f"seed{s}/modsquad" in records]
+    if not default_seeds:
+        sys.exit(f"no seed of {seeds} has its Mod-Squad run recorded in {results_path}; run without --table-only")
+    default_run = default_run_results(records, tasks, default_seeds)
+    if complete:
+        if complete != seeds:
+            print(f"seeds {sorted(set(seeds) - set(complete))} are incomplete: the table has seeds {complete}")
+        results = build_results(records, tasks, complete)
+        markdown = format_markdown(results) + "\n" + format_default_run(default_run)
+        save(results={k: v for k, v in results.items() if k != "per_seed"}, per_seed=results["per_seed"],
+             default_run=default_run)
+    else:  # a study under way: the default run's spread is known first (its runs go first)
+        done = sum(k.split("/")[0] in {f"seed{s}" for s in seeds} for k in records)
+        markdown = (f"# Mod-Squad in miniature (synthetic Taskonomy-style scenes)\n\nThe study is under way: runs "
+                    f"recorded {done} of {len(specs) * len(seeds)}, and no seed has all {len(specs)} yet; the "
+                    "comparison table follows when one has.\n\n" + format_default_run(default_run))
+        save(default_run=default_run)
     with open(os.path.join(results_dir, "results.md"), "w") as f:
         f.write(markdown)
     print(f"\n{markdown}\nwrote {results_dir}/results.md and results.json in {(time.time() - t0) / 60:.1f} min")

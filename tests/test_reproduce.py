@@ -105,8 +105,27 @@ def test_table_only_reuses_recorded_runs_and_trains_nothing(tmp_path):
     assert not out.exists()
     markdown = (results_dir / "results.md").read_text()
     assert "over 2 seeds (0, 1)" in markdown and "+17.50 ± 3.54" in markdown
+    assert "## The default run over seeds 0, 1" in markdown
     saved = json.loads((results_dir / "results.json").read_text())
     assert saved["records"] == records and saved["results"]["seeds"] == [0, 1]
+
+
+def test_default_run_section_needs_only_the_mod_squad_runs(tmp_path):
+    """A study under way (its Mod-Squad runs go first) already gives the default run's spread over the seeds."""
+    records = fake_study(str(tmp_path / "fake"), eval_batches=reproduce.EVAL_IMAGES // reproduce.BUDGET["batch_size"])
+    records = {k: v for k, v in records.items() if k.endswith("/modsquad")}
+    results_dir = tmp_path / "results"
+    write(str(results_dir / "results.json"), {"records": records})
+    reproduce.main(["--table-only", "--tasks", ",".join(TASKS), "--seeds", "2", "--results", str(results_dir),
+                    "--out", str(tmp_path / "runs")])
+    markdown = (results_dir / "results.md").read_text()
+    assert "runs recorded 2 of 10" in markdown and "## The default run over seeds 0, 1" in markdown
+    # rmse_remap 8, 9 against the mean predictor's 15, 15: gains 46.7 % and 40 %
+    assert "| depth_euclidean | rmse_remap ↓ | 8.5000 ± 0.7071 | 15.0000 ± 0.0000 | +43.3 ± 4.7 | +40.0 |" in markdown
+    d = json.loads((results_dir / "results.json").read_text())["default_run"]
+    assert d["misses"] == [] and "smallest margin is depth_euclidean's, +40.0 %" in markdown
+    depth = next(r for r in d["rows"] if r["task"] == "depth_euclidean")
+    assert math.isclose(depth["extracted_vs_full"], 1 / 8)  # seed 0: extracted 9 against the full model's 8
 
 
 def test_budget_is_train_py_default_recipe():
