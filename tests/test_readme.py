@@ -5,6 +5,8 @@ import ast
 import os
 import re
 
+import pytest
+
 import assignment_mistakes as am
 import modsquad
 
@@ -69,6 +71,7 @@ def test_names_cited_by_the_reading_guide_and_the_assignments_exist():
     assert not [n for n in names if not exists(n)]
 
 
+@pytest.mark.slow  # one pytest collection in a subprocess per grading command
 def test_each_grading_command_selects_the_number_of_tests_it_states():
     """The Assignments table's `python -m pytest -q -k "..."` (N tests): the expression selects N tests, as pytest
     itself collects them (in a subprocess)."""
