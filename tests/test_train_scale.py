@@ -67,6 +67,7 @@ def test_accumulation_equals_one_large_batch(tmp_path, monkeypatch):
         assert a["lr"] == b["lr"] and abs(a["loss"] - b["loss"]) < 1e-5 * abs(a["loss"])
 
 
+@pytest.mark.slow  # ~35 s on a 2-core machine: three train.py runs; SIGUSR1's save-and-exit stays in the default suite
 def test_sigterm_mid_run_saves_and_the_resumed_run_is_bit_identical(tmp_path):
     """SIGTERM (a preemption) to the run's process group mid-run, loader workers included: the run saves at the end
     of the current step and exits with 143; resumed with --resume, and with another number of loader workers, it
