@@ -150,3 +150,11 @@ def test_cli_delta_m_against_single_task_runs(tiny_cfg, tmp_path, capsys):
     evaluate.main([str(run), "--max-batches", "1", "--device", "cpu", "--single-task", str(single)])
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("Δm")][0]
     assert "over 3 tasks" in line and float(line.split(":")[1].split()[0]) > 0
+
+
+def test_comparison_with_the_mean_predictor_says_when_there_is_nothing_to_score():
+    """A metric that is nan (e.g. human_parts mIoU on a batch without a person) is neither better nor worse."""
+    text = evaluate.format_comparison({"semseg": {"miou": 0.3}, "human_parts": {"miou": float("nan")}},
+                                      {"semseg": {"miou": 0.2}, "human_parts": {"miou": float("nan")}})
+    rows = {line.split()[0]: line for line in text.splitlines()[1:]}
+    assert rows["semseg"].endswith("yes") and rows["human_parts"].endswith("(nothing to score)")
