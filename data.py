@@ -634,16 +634,21 @@ class SyntheticScenes(torch.utils.data.Dataset):
     cache=True keeps every sample in memory once rendered, so later epochs read it instead of rendering it again
     (identical tensors; about 90 KB a sample at 32 px with the 13 tasks). The cache belongs to the process: with
     DataLoader workers each worker fills its own, and loses it when the loader ends.
+    cache_dir=FOLDER also shares the rendering between processes: the whole split, every task of the task set, is
+    read from one file there (written, atomically, by the first process that needs it), and this dataset's tasks are
+    taken from it. reproduce.py's runs of one seed share their scenes this way: the same tensors, rendered once.
     """
 
     def __init__(self, split="train", length=2048, task_set="taskonomy", img_size=32, seed=0, tasks=None,
-                 cache=False):
+                 cache=False, cache_dir=None):
         assert split in SPLIT_IDS, f"split must be one of {tuple(SPLIT_IDS)}"
         assert task_set in ("taskonomy", "pascal"), "task_set must be 'taskonomy' or 'pascal'"
         available = SYNTHETIC_TASKONOMY_TASKS if task_set == "taskonomy" else SYNTHETIC_PASCAL_TASKS
         self.tasks = select_tasks(available, tasks, f"synthetic ({task_set})")
         self.split, self.length, self.task_set, self.img_size, self.seed = split, length, task_set, img_size, seed
-        self.cache = {} if cache else None  # index -> (image, targets)
+        self.cache = {} if cache or cache_dir else None  # index -> (image, targets)
+        if cache_dir:
+            self.load_rendered(cache_dir)
 
     def __len__(self):
         return self.length
@@ -669,6 +674,23 @@ class SyntheticScenes(torch.utils.data.Dataset):
         if self.cache is not None:
             self.cache[i] = image, targets
         return image, targets
+
+    def load_rendered(self, cache_dir):
+        """Fill the cache from cache_dir's file of this split (rendering and writing it first if there is none)."""
+        name = f"{self.task_set}_{self.split}_seed{self.seed}_{self.length}x{self.img_size}px.pt"
+        path = os.path.join(cache_dir, name)
+        if not os.path.exists(path):
+            every_task = SyntheticScenes(self.split, self.length, self.task_set, self.img_size, self.seed)
+            samples = [every_task[i] for i in range(self.length)]
+            stacked = {"images": torch.stack([image for image, _ in samples]),  # (N, 3, H, W)
+                       "targets": {k: torch.stack([t[k] for _, t in samples]) for k in samples[0][1]}}
+            os.makedirs(cache_dir, exist_ok=True)
+            torch.save(stacked, f"{path}.{os.getpid()}.tmp")
+            os.replace(f"{path}.{os.getpid()}.tmp", path)  # atomic: two runs rendering at once both write it whole
+        stored = torch.load(path, weights_only=True)
+        keys = [k for k in stored["targets"] if k.removesuffix("_mask") in {name for name, _, _ in self.tasks}]
+        for i in range(self.length):
+            self.cache[i] = stored["images"][i], {k: stored["targets"][k][i] for k in keys}
 
 
 # =============================================================================
@@ -1345,16 +1367,18 @@ DATASET_TASKS = {"synthetic": SYNTHETIC_TASKONOMY_TASKS, "synthetic-pascal": SYN
 
 
 def build_dataset(name, split, root=None, tasks=None, img_size=None, length=None, seed=0, augment=False,
-                  split_csv=None, require_all_buildings=False, cache=False):
+                  split_csv=None, require_all_buildings=False, cache=False, cache_dir=None):
     """A dataset by name: "synthetic" (13 Taskonomy tasks) or "synthetic-pascal" (5 PASCAL-Context tasks), embedded;
     or the real "taskonomy" (omnitools layout under root; buildings from split_csv, default
     <root>/splits_taskonomy/train_val_test_fullplus.csv as the paper's runs; incomplete buildings are skipped with a
     warning unless require_all_buildings) or "pascal" (PASCAL_MT under root).
     augment (random crop/scale and flip) applies to the real training splits: every synthetic sample is a new scene.
-    cache keeps the synthetic samples in memory once rendered (SyntheticScenes)."""
+    cache keeps the synthetic samples in memory once rendered, cache_dir on disk too, for other processes
+    (SyntheticScenes)."""
     if name in ("synthetic", "synthetic-pascal"):
         return SyntheticScenes(split, length or (2048 if split == "train" else 256),
-                               "taskonomy" if name == "synthetic" else "pascal", img_size or 32, seed, tasks, cache)
+                               "taskonomy" if name == "synthetic" else "pascal", img_size or 32, seed, tasks, cache,
+                               cache_dir)
     if name not in DATASET_TASKS:
         raise ValueError(f"unknown dataset '{name}'; valid: {', '.join(DATASET_TASKS)}")
     if root is None:

@@ -732,6 +732,9 @@ def main(argv=None):
                              "prediction resized to its image's own size and scored on the full-resolution labels; "
                              "in-loop = on labels resized to the network's resolution (512² in the recipe), as its "
                              "online evaluation. Every other dataset is scored in-loop")
+    parser.add_argument("--val-length", type=int, default=None, metavar="N", help="synthetic runs: the number of "
+                        "validation scenes (default: the run's --val-length; more give a tighter estimate, with "
+                        "--max-batches covering them)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: the run's)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 for synthetic "
                         "data, else the CPU cores less one, at most 16)")
@@ -758,7 +761,10 @@ def main(argv=None):
         protocol_text = (f"native size (MTL-PyTorch's final evaluation: predictions resized to each image's own size, "
                          f"scored on its full-resolution labels; loss at {model.cfg.img_size}²)")
     else:
-        loader = run_loader(train_args, args.split, model.cfg, length=train_args.get("val_length"), **loading)
+        if args.val_length and not train_args.get("dataset", "synthetic").startswith("synthetic"):
+            parser.error("--val-length: only synthetic runs have a validation split of a chosen size")
+        loader = run_loader(train_args, args.split, model.cfg, length=args.val_length or train_args.get("val_length"),
+                            **loading)
         protocol_text = f"in-loop (labels at the network's resolution, {model.cfg.img_size}²)"
     if args.max_batches is not None:  # load them once: every task pass, usage count and extraction reuses them
         loader = list(itertools.islice(loader, args.max_batches))

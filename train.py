@@ -94,6 +94,8 @@ g.add_argument("--tasks", default=None, help="comma-separated task names (defaul
 g.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model preset's)")
 g.add_argument("--train-length", type=int, default=8192, help="synthetic scenes in the training split")
 g.add_argument("--val-length", type=int, default=256, help="synthetic scenes in the validation split")
+g.add_argument("--scene-cache", default=None, metavar="DIR", help="synthetic: keep the rendered training scenes in "
+               "DIR, for later runs of the same seed (reproduce.py)")
 g.add_argument("--workers", type=int, default=None, help="DataLoader worker processes per GPU/process (default: 0 "
                "for synthetic data, else this process's share of the CPU cores less one, at most 16)")
 g = p.add_argument_group("model")
@@ -177,7 +179,8 @@ try:
         train_set = data.build_dataset(args.dataset, "train", root=args.data_root, tasks=task_names, img_size=img_size,
                                        length=args.train_length, seed=args.seed, augment=True,
                                        split_csv=args.split_csv, require_all_buildings=args.require_all_buildings,
-                                       cache=not args.workers)  # synthetic: each scene rendered once, in this process
+                                       cache=not args.workers,  # synthetic: each scene rendered once, in this process
+                                       cache_dir=args.scene_cache)
     cfg = ModSquadConfig.from_dict({**asdict(model_defaults), "img_size": img_size, "tasks": train_set.tasks,
                                     "moe": not args.no_moe,
                                     **({"mi_weight": args.mi_weight} if args.mi_weight is not None else {}),

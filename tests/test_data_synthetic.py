@@ -225,6 +225,26 @@ def test_cache_renders_each_scene_once_and_returns_the_same_sample(monkeypatch):
         assert all(torch.equal(targets[k], first[1][k]) for k in targets)
 
 
+def test_scene_cache_folder_shares_the_rendered_split_between_datasets(tmp_path, monkeypatch):
+    """cache_dir: the first dataset renders the split (every task) into one file; a later one with a subset of the
+    tasks, as another run of the same seed, renders nothing and gives exactly the rendered samples of its tasks."""
+    first = data.SyntheticScenes("train", 8, cache_dir=str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["taskonomy_train_seed0_8x32px.pt"]  # no temporary file left
+    renders = []
+    real_render = data.render_scene
+    monkeypatch.setattr(data, "render_scene", lambda *a, **k: renders.append(1) or real_render(*a, **k))
+    single = data.SyntheticScenes("train", 8, tasks=["normal"], cache_dir=str(tmp_path))
+    assert renders == []
+    for i in (0, 7):
+        image, targets = single[i]
+        assert torch.equal(image, TASKONOMY[i][0]) and torch.equal(first[i][0], image)
+        assert targets.keys() == {"normal", "normal_mask"}
+        assert all(torch.equal(targets[k], TASKONOMY[i][1][k]) for k in targets)
+    # another seed, length or size is another file
+    data.SyntheticScenes("train", 4, seed=1, cache_dir=str(tmp_path))
+    assert len(list(tmp_path.iterdir())) == 2
+
+
 def test_samples_collate_into_batches():
     """Every sample has the same keys and shapes, so torch's default collate batches them."""
     images, targets = next(iter(torch.utils.data.DataLoader(PASCAL, batch_size=8)))

@@ -114,6 +114,24 @@ def test_cli_extract_writes_extraction_report(tiny_cfg, tmp_path):
     assert (tmp_path / "extract_depth_euclidean.pt").exists() and (tmp_path / "expert_usage.png").exists()
 
 
+def test_val_length_scores_more_validation_scenes_than_the_run_was_given(tiny_cfg, tmp_path, monkeypatch):
+    """--val-length N: a synthetic run scored on N validation scenes instead of its own --val-length (4 here); a real
+    dataset's run is refused with the reason."""
+    make_run(replace(tiny_cfg, tasks=SYNTHETIC_TASKS[:2]), tmp_path)
+    seen, real = [], evaluate.evaluate_model
+    monkeypatch.setattr(evaluate, "evaluate_model",
+                        lambda model, loader, *a, **k: seen.append(sum(len(x) for x, _ in loader)) or
+                        real(model, loader, *a, **k))
+    evaluate.main([str(tmp_path), "--max-batches", "8", "--device", "cpu"])
+    evaluate.main([str(tmp_path), "--max-batches", "8", "--device", "cpu", "--val-length", "10"])
+    assert seen == [4, 10]
+    real_run = tmp_path / "real"
+    real_run.mkdir()
+    make_run(replace(tiny_cfg, tasks=SYNTHETIC_TASKS[:2]), real_run, dataset="taskonomy")
+    with pytest.raises(SystemExit):
+        evaluate.main([str(real_run), "--device", "cpu", "--val-length", "10"])
+
+
 def test_mean_predictor_predicts_the_masked_mean_target():
     """The floor every model must beat: the per-pixel mean of the training targets, masked pixels left out (but not
     for depth, whose loss trains every pixel)."""

@@ -6,6 +6,8 @@ import os
 import shutil
 from dataclasses import asdict
 
+import pytest
+
 import reproduce
 from modsquad import ModSquadConfig
 
@@ -144,3 +146,23 @@ def test_budget_is_train_py_default_recipe():
     overridden = {kw.arg for kw in synthetic.keywords} if isinstance(synthetic, ast.Call) else set()
     for k, v in reproduce.BUDGET.items():
         assert defaults["--" + k.replace("_", "-")] == v and k not in overridden, k
+    assert defaults["--train-length"] == reproduce.TRAIN_SCENES
+
+
+@pytest.mark.slow
+def test_quick_study_in_two_jobs_records_every_run_on_scenes_rendered_once(tmp_path):
+    """`reproduce.py --quick --jobs 2` end to end (real train.py and evaluate.py subprocesses, two at a time): every
+    run of the seed is recorded and the table is written; a second call trains nothing."""
+    out, results_dir = tmp_path / "runs", tmp_path / "results"
+    reproduce.main(["--quick", "--jobs", "2", "--out", str(out), "--results", str(results_dir)])
+    records = json.loads((results_dir / "results.json").read_text())["records"]
+    names = [name for name, _, _ in reproduce.run_specs(reproduce.QUICK["tasks"].split(","), 0)]
+    assert sorted(records) == sorted(f"seed0/{name}" for name in names)
+    assert all(r["settings"]["steps"] == reproduce.QUICK["steps"] for r in records.values())
+    assert not (out / "scenes").exists()  # 30 steps read 240 of the 8192 scenes: nothing worth sharing
+    markdown = (results_dir / "results.md").read_text()
+    assert "over 1 seed" in markdown and "| single-task |" in markdown
+    assert all(f"| {t} |" in markdown for t in reproduce.QUICK["tasks"].split(","))
+    # a second call has nothing left to train: every run is reused from the records
+    reproduce.main(["--quick", "--jobs", "2", "--out", str(out), "--results", str(results_dir)])
+    assert json.loads((results_dir / "results.json").read_text())["records"] == records

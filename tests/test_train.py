@@ -96,12 +96,15 @@ def test_baselines_and_ablations_run(tmp_path, overrides):
 
 def test_resume_is_exact(tmp_path):
     """Stopped at step 3 and resumed, a run ends bit-identical to an uninterrupted one (model, optimizer, schedule,
-    data order, RNG with drop-path active, loss weights)."""
+    data order, RNG with drop-path active, loss weights). The resumed run trains on scenes it shares through
+    --scene-cache (its first half renders them into the folder, its second half reads them): the same tensors."""
     common = ["--steps", "6", "--no-final-eval", "--drop-path", "0.2", *FAST]
+    cached = ["--scene-cache", str(tmp_path / "scenes")]
     run("train.py", "--out-dir", str(tmp_path / "a"), *common)
-    run("train.py", "--out-dir", str(tmp_path / "b"), "--stop-at", "3", *common)
+    run("train.py", "--out-dir", str(tmp_path / "b"), "--stop-at", "3", *common, *cached)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 3
-    run("train.py", "--out-dir", str(tmp_path / "b"), "--resume", *common)
+    assert os.listdir(tmp_path / "scenes") == ["taskonomy_train_seed0_64x32px.pt"]
+    run("train.py", "--out-dir", str(tmp_path / "b"), "--resume", *common, *cached)
     a, b = params(tmp_path / "a"), params(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
