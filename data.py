@@ -679,15 +679,16 @@ class SyntheticScenes(torch.utils.data.Dataset):
         """Fill the cache from cache_dir's file of this split (rendering and writing it first if there is none)."""
         name = f"{self.task_set}_{self.split}_seed{self.seed}_{self.length}x{self.img_size}px.pt"
         path = os.path.join(cache_dir, name)
-        if not os.path.exists(path):
+        if os.path.exists(path):
+            stored = torch.load(path, weights_only=True)
+        else:
             every_task = SyntheticScenes(self.split, self.length, self.task_set, self.img_size, self.seed)
             samples = [every_task[i] for i in range(self.length)]
-            stacked = {"images": torch.stack([image for image, _ in samples]),  # (N, 3, H, W)
-                       "targets": {k: torch.stack([t[k] for _, t in samples]) for k in samples[0][1]}}
+            stored = {"images": torch.stack([image for image, _ in samples]),  # (N, 3, H, W)
+                      "targets": {k: torch.stack([t[k] for _, t in samples]) for k in samples[0][1]}}
             os.makedirs(cache_dir, exist_ok=True)
-            torch.save(stacked, f"{path}.{os.getpid()}.tmp")
+            torch.save(stored, f"{path}.{os.getpid()}.tmp")
             os.replace(f"{path}.{os.getpid()}.tmp", path)  # atomic: two runs rendering at once both write it whole
-        stored = torch.load(path, weights_only=True)
         keys = [k for k in stored["targets"] if k.removesuffix("_mask") in {name for name, _, _ in self.tasks}]
         for i in range(self.length):
             self.cache[i] = stored["images"][i], {k: stored["targets"][k][i] for k in keys}
@@ -1381,6 +1382,8 @@ def build_dataset(name, split, root=None, tasks=None, img_size=None, length=None
                                cache_dir)
     if name not in DATASET_TASKS:
         raise ValueError(f"unknown dataset '{name}'; valid: {', '.join(DATASET_TASKS)}")
+    if cache_dir:
+        raise ValueError(f"--scene-cache keeps rendered synthetic scenes; the {name} dataset is read from disk: drop it")
     if root is None:
         raise ValueError(f"the {name} dataset needs --data-root (the folder you downloaded it to)")
     if name == "taskonomy":

@@ -243,6 +243,8 @@ def test_scene_cache_folder_shares_the_rendered_split_between_datasets(tmp_path,
     # another seed, length or size is another file
     data.SyntheticScenes("train", 4, seed=1, cache_dir=str(tmp_path))
     assert len(list(tmp_path.iterdir())) == 2
+    with pytest.raises(ValueError, match="scene-cache"):  # a real dataset has nothing to render
+        data.build_dataset("taskonomy", "train", root=str(tmp_path), cache_dir=str(tmp_path))
 
 
 def test_samples_collate_into_batches():
